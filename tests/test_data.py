@@ -1,0 +1,250 @@
+"""data.py: every kind of image file, depth maps, labels, bad input, and the synthetic scenes."""
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import render
+from data import ImageFolder, UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def save(path, arr, mode=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    (Image.fromarray(arr, mode) if mode else Image.fromarray(arr)).save(path)
+
+
+# ------------------------------------------------------------------------------ file modes
+def test_modes_become_rgb(tmp_path):
+    rgba = np.zeros((20, 30, 4), np.uint8)
+    rgba[..., 0] = 255                                # red, but fully transparent...
+    rgba[:, :15, 3] = 255                             # ...except the left half
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    out, small = data.load_rgb(str(tmp_path / "a.png"), 10)
+    assert out.shape == (10, 10, 3) and out.dtype == np.uint8 and not small
+    assert (out[:, 0] == [255, 0, 0]).all()           # opaque red stays red
+    assert (out[:, -1] == [255, 255, 255]).all()      # transparent becomes the white background
+
+    gray16 = np.full((16, 16), 65535, np.uint16)
+    gray16[:, :8] = 0
+    Image.fromarray(gray16).save(tmp_path / "g16.png")
+    out, _ = data.load_rgb(str(tmp_path / "g16.png"), 16)
+    assert (out[:, 0] == 0).all() and (out[:, -1] == 255).all()   # not clipped to all-white
+
+    Image.fromarray(np.full((12, 12), 77, np.uint8), "L").save(tmp_path / "l.jpg")
+    out, _ = data.load_rgb(str(tmp_path / "l.jpg"), 12)
+    assert np.abs(out.astype(int) - 77).max() <= 2 and out.shape == (12, 12, 3)
+
+    pal = Image.fromarray(np.full((12, 12, 3), (10, 200, 30), np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE)
+    pal.save(tmp_path / "p.bmp")
+    out, _ = data.load_rgb(str(tmp_path / "p.bmp"), 12)
+    assert np.abs(out.astype(int) - [10, 200, 30]).max() <= 8
+
+
+def test_center_crop_and_upsample_flag(tmp_path):
+    img = np.zeros((40, 80, 3), np.uint8)
+    img[:, 20:60] = 255                               # the centred square is all white
+    Image.fromarray(img).save(tmp_path / "wide.png")
+    out, small = data.load_rgb(str(tmp_path / "wide.png"), 16)
+    assert out.min() >= 250 and not small
+    out, small = data.load_rgb(str(tmp_path / "wide.png"), 64)
+    assert small and out.shape == (64, 64, 3)
+
+
+# -------------------------------------------------------------------------------- the folder
+def make_folder(root, n=4, size=24, classes=None, depth=False):
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(n):
+        sub = f"{classes[i % len(classes)]}/" if classes else ""
+        names.append(f"{sub}img{i}")
+        save(os.path.join(root, f"{sub}img{i}.png"),
+             rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+        if depth:
+            d = os.path.join(root, "depth", f"{sub}img{i}.npy")
+            os.makedirs(os.path.dirname(d), exist_ok=True)
+            np.save(d, rng.uniform(1, 5, (size, size)).astype(np.float32))
+    return names
+
+
+def test_folder_items(tmp_path):
+    make_folder(tmp_path, n=5, depth=True)
+    ds = ImageFolder(str(tmp_path), 16, verbose=False)
+    item = ds[0]
+    assert len(ds) == 5 and ds.use_depth and ds.classes == []
+    assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.float32
+    assert -1 <= item["image"].min() and item["image"].max() <= 1
+    assert item["depth"].shape == (1, 16, 16) and item["label"] == -1
+    # Nearest-neighbour resizing: no depth value is invented between two others.
+    src = np.load(tmp_path / "depth" / "img0.npy")
+    assert np.isin(item["depth"].numpy(), src).all()
+    assert "depth" not in ImageFolder(str(tmp_path), 16, depth=False, verbose=False)[0]
+
+
+def test_class_labels_from_subfolders(tmp_path):
+    make_folder(tmp_path, n=6, classes=["cat", "dog", "emu"])
+    ds = ImageFolder(str(tmp_path), 8, verbose=False)
+    assert ds.classes == ["cat", "dog", "emu"]
+    assert sorted(ds.labels.tolist()) == [0, 0, 1, 1, 2, 2]
+    assert ds[ds.files.index(os.path.join("dog", "img1.png"))]["label"] == 1
+    assert ImageFolder(str(tmp_path), 8, labels=False, verbose=False)[0]["label"] == -1
+
+
+def test_flip_mirrors_image_and_depth_together(tmp_path):
+    make_folder(tmp_path, n=1, depth=True)
+    plain = ImageFolder(str(tmp_path), 16, verbose=False)[0]
+    ds = ImageFolder(str(tmp_path), 16, flip=True, verbose=False)
+    torch.manual_seed(0)
+    items = [ds[0] for _ in range(20)]
+    flipped = [it for it in items if not torch.equal(it["image"], plain["image"])]
+    assert 0 < len(flipped) < 20
+    assert all(torch.equal(it["image"], plain["image"].flip(-1)) and
+               torch.equal(it["depth"], plain["depth"].flip(-1)) for it in flipped)
+
+
+def test_bad_folders(tmp_path):
+    with pytest.raises(UserError, match="no such folder"):
+        ImageFolder(str(tmp_path / "nope"), 16)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hi")
+    with pytest.raises(UserError, match=r"no images found.*\.jpg"):
+        ImageFolder(str(tmp_path / "empty"), 16)
+
+
+def test_corrupt_files_are_counted(tmp_path):
+    make_folder(tmp_path, n=4)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    good = open(tmp_path / "img0.png", "rb").read()
+    (tmp_path / "truncated.png").write_bytes(good[: len(good) // 2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = ImageFolder(str(tmp_path), 16, verbose=False)
+    text = " ".join(str(w.message) for w in caught)
+    assert len(ds) == 4
+    assert "broken.png" in text and "truncated.png" in text and "skipped 2" in text
+    for i in range(5):                                 # now most files are bad: stop
+        (tmp_path / f"junk{i}.jpg").write_bytes(b"junk")
+    with pytest.raises(UserError, match="7 of 11 images could not be read"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ImageFolder(str(tmp_path), 16, verbose=False)
+
+
+def test_small_images_warn_with_a_count(tmp_path):
+    make_folder(tmp_path, n=3, size=8)
+    with pytest.warns(UserWarning, match="3 image.*upsampled"):
+        ImageFolder(str(tmp_path), 16, verbose=False)
+
+
+def test_bad_depth_maps(tmp_path):
+    make_folder(tmp_path, n=3, depth=True)
+    os.remove(tmp_path / "depth" / "img2.npy")
+    with pytest.raises(UserError, match="1 of 3 images have no depth map.*img2"):
+        ImageFolder(str(tmp_path), 16, verbose=False)
+    np.save(tmp_path / "depth" / "img2.npy", np.full((24, 24), np.nan, np.float32))
+    with pytest.raises(UserError, match="img2.npy.*NaN"):
+        ImageFolder(str(tmp_path), 16, verbose=False)
+    np.save(tmp_path / "depth" / "img2.npy", np.ones((24, 48), np.float32))
+    with pytest.raises(UserError, match="img2.npy.*aspect"):
+        ImageFolder(str(tmp_path), 16, verbose=False)
+    np.save(tmp_path / "depth" / "img2.npy", np.ones((2, 24, 24), np.float32))
+    with pytest.raises(UserError, match="img2.npy.*single-channel"):
+        ImageFolder(str(tmp_path), 16, verbose=False)
+    with pytest.raises(UserError, match="depth maps are required"):
+        make_folder(tmp_path / "nodepth", n=1)
+        ImageFolder(str(tmp_path / "nodepth"), 16, depth=True, verbose=False)
+
+
+def test_depth_png16_is_read(tmp_path):
+    make_folder(tmp_path, n=1)
+    d = np.tile(np.arange(24, dtype=np.uint16) * 1000, (24, 1))
+    os.makedirs(tmp_path / "depth")
+    Image.fromarray(d).save(tmp_path / "depth" / "img0.png")
+    item = ImageFolder(str(tmp_path), 12, verbose=False)[0]
+    assert item["depth"].shape == (1, 12, 12)
+    assert (item["depth"][0, :, 1:] > item["depth"][0, :, :-1]).all()
+
+
+# ------------------------------------------------------------------------ depth preparation
+def test_prepare_depth_with_a_stand_in_estimator(tmp_path):
+    """The estimator returns disparity (larger = closer), like MiDaS; the files on disk must be
+    depth (larger = farther), and the folder must then load with depth."""
+    make_folder(tmp_path, n=3, size=20, classes=["a", "b"])
+    calls = []
+
+    def fake_estimator(img):
+        calls.append(img.size)
+        disp = np.tile(np.linspace(4.0, 1.0, img.size[0]), (img.size[1], 1))  # closer on the left
+        return disp, "disparity"
+    assert data.prepare_depth(str(tmp_path), fake_estimator) == 3
+    assert len(calls) == 3 and data.prepare_depth(str(tmp_path), fake_estimator) == 0
+    d = np.load(tmp_path / "depth" / "a" / "img0.npy")
+    assert d.shape == (20, 20) and d.dtype == np.float32
+    assert (np.diff(d, axis=1) > 0).all()               # farther to the right
+    assert abs(d.min() - 1.0) < 1e-6                     # nearest point normalised to 1
+    ds = ImageFolder(str(tmp_path), 16, verbose=False)
+    assert ds.use_depth and ds.classes == ["a", "b"]
+
+
+def test_disparity_to_depth_clamps_sky():
+    d = data.disparity_to_depth(np.array([[2.0, 1.0, 0.0]]))
+    assert np.allclose(d, [[1.0, 2.0, 100.0]])
+
+
+# ------------------------------------------------------------------------- synthetic scenes
+def test_scene_camera_matches_render_orbit():
+    for yaw, pitch in [(0, 0), (20, 0), (-15, 10), (30, -20)]:
+        a = data.scene_camera(yaw, pitch, 2.7)
+        b = render.orbit_camera(float(yaw), float(pitch), 2.7).numpy()
+        assert np.allclose(a, b, atol=1e-6)
+
+
+def test_scene_depth_is_exact_on_wall_and_floor():
+    """An empty scene seen level: the wall's z-depth is wall_z + radius everywhere, and a floor
+    pixel whose ray direction is (u, v, 1) is hit at z-depth floor_y / v."""
+    scene = data.random_scene(np.random.default_rng(0))
+    scene.update(objects=[], elevation=0.0, floor_y=0.6, wall_z=2.0)
+    res, fov = 32, 40.0
+    _, depth = data.render_scene(scene, data.scene_camera(0, 0, 2.7), fov, res, aa=1)
+    f = 0.5 * res / np.tan(np.radians(fov) / 2)
+    v = (np.arange(res) + 0.5 - res / 2) / f             # per row
+    floor_z = 0.6 / np.where(v > 0, v, np.nan)
+    expect = np.where(floor_z[:, None] < 4.7, floor_z[:, None], 4.7) * np.ones((1, res))
+    assert np.allclose(depth, expect, rtol=1e-5)
+
+
+def test_scenes_are_deterministic_and_a_valid_folder(tmp_path):
+    meta, _ = data.make_scenes(str(tmp_path / "a"), 6, res=16, seed=3, heldout=2,
+                               views="-20:0,10:5", verbose=False)
+    data.make_scenes(str(tmp_path / "b"), 6, res=16, seed=3, verbose=False)
+    assert meta["radius"] == data.SCENE_RADIUS and len(meta["views"]) == 2
+    for i in range(6):
+        a = np.asarray(Image.open(tmp_path / "a" / f"{i:06d}.png"))
+        assert np.array_equal(a, np.asarray(Image.open(tmp_path / "b" / f"{i:06d}.png")))
+    ds = ImageFolder(str(tmp_path / "a"), 16, verbose=False)   # _heldout is not scanned
+    assert len(ds) == 6 and ds.use_depth
+    held = ImageFolder(str(tmp_path / "a" / "_heldout"), 16, verbose=False)
+    assert len(held) == 2
+    view = tmp_path / "a" / "_heldout" / "_views" / "000006" / "yaw+10_pitch+5"
+    assert np.load(str(view) + ".npy").shape == (16, 16)
+    assert not np.array_equal(np.asarray(Image.open(str(view) + ".png")),
+                              np.asarray(Image.open(tmp_path / "a" / "_heldout" / "000006.png")))
+    assert data.read_scene_meta(str(tmp_path / "a"))["fov_deg"] == data.SCENE_FOV
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for args in (["info", str(tmp_path / "empty")], ["scenes", str(tmp_path / "x"), "--n", "0"],
+                 ["scenes", str(tmp_path / "y"), "--heldout", "1", "--views", "left"]):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), *args],
+                           capture_output=True, text=True)
+        assert p.returncode == 2, p.stderr
+        assert "Traceback" not in p.stderr and p.stderr.strip().startswith("error:")
+        assert len(p.stderr.strip().splitlines()) == 1
