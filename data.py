@@ -102,7 +102,7 @@ def load_rgb(path, res):
     # PIL's bicubic resize widens its kernel when shrinking, i.e. it antialiases.
     # Crop first: resize(box=...) would let the kernel read pixels from outside the crop.
     rgb = rgb.crop(box).resize((res, res), Image.Resampling.BICUBIC)
-    return np.asarray(rgb, dtype=np.uint8), small
+    return np.array(rgb, dtype=np.uint8), small              # a writable copy
 
 
 # ---------------------------------------------------------------------------------------------

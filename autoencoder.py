@@ -1,0 +1,901 @@
+"""
+autoencoder.py -- stage 1 of WildFusion: a 3D-aware autoencoder trained on unposed single images.
+
+WildFusion (Schwarz et al., ICLR 2024, arXiv 2311.13570), Sec. 3.1. The encoder compresses an
+image into a small latent grid z; the decoder turns z into a triplane, a 3D feature field that is
+volume-rendered. From the input camera P0 the render must reproduce the photo (reconstruction
+loss) and its monocular depth (depth loss); from random nearby cameras, where no photo exists,
+it must look real to a discriminator (adversarial loss). Stage 2 (diffusion.py) then learns to
+generate z. No camera poses are ever needed: everything lives in view space (DESIGN.md).
+
+    python autoencoder.py --preset tiny                       # laptop CPU, ~10 min, synthetic
+    python autoencoder.py --data photos/ --out runs/ae        # one GPU, 256 px
+    python autoencoder.py --data photos/ --amp bf16 --compile # faster on CUDA
+    torchrun --nproc_per_node=4 autoencoder.py --data photos/ # 4 GPUs, data parallel
+    python autoencoder.py --eval runs/ae/ckpt.pt              # novel-view PSNR vs baselines
+
+With no --data it renders the synthetic scenes of data.py once (cached under data/) and trains on
+them, so it runs on a fresh machine with no download.
+
+Map of the file:
+    1. building blocks     ResBlock, down/up-sampling
+    2. encoder             FPN over the image (+ depth) -> mean and log-variance of z
+    3. decoder             transformer over z's tokens + CNN -> triplane
+    4. field + upsampler   triplane features -> density, features; low-res render -> RGB
+    5. the autoencoder     encode / decode / render, the public API; load()
+    6. discriminator       judges (RGB, depth) of novel views against (photo, its depth)
+    7. losses              KL, scale-and-shift aligned depth loss, non-saturating GAN, R1
+    8. evaluation          novel-view PSNR vs copy and depth-warp baselines, depth Pearson
+    9. training            presets, data order, checkpoints, the loop
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data as data_mod
+import render
+from data import UserError
+
+CKPT_KIND = "wildfusion-autoencoder"
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Building blocks
+# ---------------------------------------------------------------------------------------------
+def norm(c):
+    """GroupNorm with up to 32 groups that divide c (small models have few channels)."""
+    return nn.GroupNorm(math.gcd(32, c), c)
+
+
+class ResBlock(nn.Module):
+    """x + conv(silu(norm(conv(silu(norm(x)))))): the residual block of LDM's autoencoder."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.body = nn.Sequential(norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1),
+                                  norm(c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        return self.skip(x) + self.body(x)
+
+
+def upsample(c):
+    """x2 nearest-neighbour upsampling, then a conv to smooth the blocks away."""
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Encoder: image (+ depth) -> q(z | x) = N(mean, exp(logvar))
+# ---------------------------------------------------------------------------------------------
+class Encoder(nn.Module):
+    """A convolutional feature pyramid, fused FPN-style at the latent resolution.
+
+    The image goes through stages at 1/2, 1/4, ... of its size, one stage *below* the latent
+    resolution for global context. Each stage's output is projected (1x1 conv) to a common width
+    and resized to the latent grid: finer maps are area-averaged (detail), the coarser map is
+    upsampled (context); their sum is refined and mapped to 2 * z_ch channels: the mean and
+    log-variance of a diagonal Gaussian per latent cell.
+    """
+
+    def __init__(self, in_ch, ch, z_ch, down):
+        super().__init__()
+        n = int(math.log2(down)) + 1
+        widths = [ch * min(2 ** i, 4) for i in range(n)]
+        self.stem = nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.stages = nn.ModuleList()
+        c_prev = ch
+        for w in widths:
+            self.stages.append(nn.Sequential(ResBlock(c_prev, w), nn.Conv2d(w, w, 3, 2, 1)))
+            c_prev = w
+        width = widths[-1]
+        self.lateral = nn.ModuleList([nn.Conv2d(w, width, 1) for w in widths])
+        self.out = nn.Sequential(ResBlock(width, width), norm(width), nn.SiLU(),
+                                 nn.Conv2d(width, 2 * z_ch, 3, padding=1))
+
+    def forward(self, x):
+        h = self.stem(x)
+        size = x.shape[-1] // 2 ** (len(self.stages) - 1)                    # latent grid side
+        fused = 0
+        for stage, lateral in zip(self.stages, self.lateral):
+            h = stage(h)                                                     # (B, w, s, s)
+            p = lateral(h)
+            fused = fused + (F.adaptive_avg_pool2d(p, size) if p.shape[-1] >= size else
+                             F.interpolate(p, size=size, mode="bilinear", align_corners=False))
+        mean, logvar = self.out(fused).chunk(2, dim=1)                       # (B, z_ch, h, w)
+        return mean, logvar.clamp(-30, 20)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Decoder: z -> triplane
+# ---------------------------------------------------------------------------------------------
+class Decoder(nn.Module):
+    """z (B, z_ch, h, w) -> planes (B, 3, C, R, R).
+
+    Why a transformer *and* convolutions: the xy plane is roughly the image itself, but the xz
+    and yz planes are seen edge-on from P0 -- one of their texels gathers evidence from a whole
+    row or column of the image. Self-attention over the latent tokens lets every output position
+    see the whole latent (global context). The convolutions then upsample to the plane
+    resolution and add local detail, which attention over a coarse grid cannot.
+    """
+
+    def __init__(self, z_ch, h, dim, depth, heads, plane_ch, plane_res):
+        super().__init__()
+        self.plane_ch, self.plane_res = plane_ch, plane_res
+        self.inp = nn.Conv2d(z_ch, dim, 3, padding=1)
+        self.pos = nn.Parameter(torch.randn(1, h * h, dim) * 0.02)          # learned 2D positions
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        ups = [ResBlock(dim, dim)]
+        c = dim
+        for _ in range(int(math.log2(plane_res // h))):
+            c_next = max(c // 2, 3 * plane_ch)
+            ups += [upsample(c), ResBlock(c, c_next)]
+            c = c_next
+        self.cnn = nn.Sequential(*ups, norm(c), nn.SiLU(), nn.Conv2d(c, 3 * plane_ch, 3, padding=1))
+
+    def forward(self, z):
+        x = self.inp(z)                                                      # (B, D, h, w)
+        B, D, h, w = x.shape
+        tokens = self.transformer(x.flatten(2).transpose(1, 2) + self.pos)   # (B, h*w, D)
+        x = tokens.transpose(1, 2).reshape(B, D, h, w)
+        planes = self.cnn(x)                                                 # (B, 3C, R, R)
+        return planes.view(B, 3, self.plane_ch, self.plane_res, self.plane_res)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Field MLP and upsampler
+# ---------------------------------------------------------------------------------------------
+class Field(nn.Module):
+    """Triplane features (B, M, C) -> density (B, M, 1) >= 0 and features (B, M, F).
+
+    Two output heads rather than one sliced output (slicing costs a zero-filled gradient of the
+    full size per slice in the backward pass). The first 3 features are read as a raw RGB
+    colour, so the low-resolution render is itself an image that is exactly 3D-consistent.
+    """
+
+    def __init__(self, c_in, hidden, c_out):
+        super().__init__()
+        self.hidden = nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU())
+        self.density, self.features = nn.Linear(hidden, 1), nn.Linear(hidden, c_out)
+
+    def forward(self, feats):
+        h = self.hidden(feats)
+        # softplus keeps the density positive and smooth; the -1 shift starts the scene
+        # mostly transparent, so early training does not lock in a wall in front of the camera.
+        return F.softplus(self.density(h) - 1.0), self.features(h)
+
+
+class Upsampler(nn.Module):
+    """Low-res feature image (B, F, r, r) -> RGB (B, 3, res, res), as EG3D's super-resolution.
+
+    Predicts a residual over the bilinearly upsampled raw RGB, so it adds detail but starts from
+    (and stays close to) the 3D-consistent render.
+    """
+
+    def __init__(self, c_in, ch, factor):
+        super().__init__()
+        layers = [nn.Conv2d(c_in, ch, 3, padding=1), ResBlock(ch, ch)]
+        for _ in range(int(math.log2(factor))):
+            layers += [upsample(ch), ResBlock(ch, ch)]
+        self.net = nn.Sequential(*layers, norm(ch), nn.SiLU(), nn.Conv2d(ch, 3, 3, padding=1))
+        self.factor = factor
+
+    def forward(self, feats):
+        raw = feats[:, :3]
+        base = raw if self.factor == 1 else F.interpolate(raw, scale_factor=self.factor,
+                                                          mode="bilinear", align_corners=False)
+        return base + self.net(feats)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The autoencoder and its public API
+# ---------------------------------------------------------------------------------------------
+class AutoEncoder(nn.Module):
+    """encode(image, depth) -> z; decode(z) -> planes; render(planes, cam2world) -> images.
+
+    `config` (a plain dict, saved in checkpoints) holds everything needed to rebuild the model,
+    including the camera: res, fov_deg, radius.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        c = self.config = dict(config)
+        down = c["res"] // c["z_res"]
+        self.encoder = Encoder(4 if c["depth_input"] else 3, c["enc_ch"], c["z_ch"], down)
+        self.decoder = Decoder(c["z_ch"], c["z_res"], c["dec_dim"], c["dec_depth"],
+                               c["dec_heads"], c["plane_ch"], c["plane_res"])
+        self.field = Field(c["plane_ch"], c["hidden"], c["feat_ch"])
+        self.upsampler = Upsampler(c["feat_ch"], c["up_ch"], c["res"] // c["render_res"])
+        self.compile = False                          # set by the training script on CUDA
+
+    def posterior(self, image, depth=None):
+        """image (B, 3, H, W) in [-1, 1], depth (B, 1, H, W) -> mean, logvar (B, z_ch, h, w)."""
+        x = image
+        if self.config["depth_input"]:
+            if depth is None:
+                raise UserError("this autoencoder was trained with --depth-input: give it the "
+                                "image's depth map too (ROOT/depth/...)")
+            x = torch.cat([image, normalize_depth(depth)], 1)
+        return self.encoder(x)
+
+    def encode(self, image, depth=None):
+        """The posterior mean: the latent the diffusion model learns (DESIGN.md API)."""
+        return self.posterior(image, depth)[0]
+
+    def decode(self, z):
+        return self.decoder(z)                                               # (B, 3, C, R, R)
+
+    def render(self, planes, cam2world, res=None, perturb=False):
+        """Render triplanes from cameras (B, 4, 4). res: output size (default config res);
+        the volume renderer runs at res * render_res / config res, the upsampler does the rest.
+        Returns image (B, 3, res, res), raw (the 3D-consistent low-res RGB), depth, opacity."""
+        c = self.config
+        res = res or c["res"]
+        low = max(1, res * c["render_res"] // c["res"])
+        out = render.render(planes, self.field, cam2world, c["fov_deg"], low, radius=c["radius"],
+                            n_coarse=c["n_coarse"], n_fine=c["n_fine"], perturb=perturb,
+                            contraction=c["contraction"], compile=self.compile)
+        feats = out["features"]                                              # (B, F, low, low)
+        image = self.upsampler(feats)
+        if image.shape[-1] != res:                                           # odd output sizes
+            image = F.interpolate(image, size=res, mode="bilinear", align_corners=False)
+        return dict(image=image, raw=feats[:, :3], depth=out["depth"], opacity=out["opacity"])
+
+    def P0(self, n):
+        """The input camera, n times: (n, 4, 4)."""
+        return render.orbit_camera(torch.zeros(n), torch.zeros(n), self.config["radius"])
+
+
+def normalize_depth(depth):
+    """Per-image standardised inverse depth (B, 1, H, W): bounded, so a far background does not
+    dominate, and blind to the unknown scale and shift of monocular estimates."""
+    disp = 1.0 / depth.clamp_min(1e-3)
+    mean = disp.mean((1, 2, 3), keepdim=True)
+    std = disp.std((1, 2, 3), keepdim=True).clamp_min(1e-6)
+    return (disp - mean) / std
+
+
+def load(path, device="cpu"):
+    """An autoencoder checkpoint -> AutoEncoder in eval mode (DESIGN.md API)."""
+    ckpt = load_checkpoint(path, CKPT_KIND, "an autoencoder checkpoint (runs/ae/ckpt.pt)")
+    model = AutoEncoder(ckpt["config"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+def load_checkpoint(path, kind, what):
+    """torch.load with weights_only=True (a checkpoint is untrusted input) and a kind check."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}); "
+                        f"expected {what}")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"{path}: this is a {found} checkpoint, expected {what}")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Discriminator on (RGB, depth) pairs
+# ---------------------------------------------------------------------------------------------
+class Discriminator(nn.Module):
+    """A ResNet-style image classifier on 4 channels: RGB and standardised inverse depth.
+
+    Seeing depth with colour, it can reject a novel view whose geometry is implausible even if
+    its colours are fine (a flat billboard turned sideways, say), which is what pushes the
+    autoencoder towards real 3D shape (paper Sec. 3.1).
+    """
+
+    def __init__(self, res, ch=32, max_ch=256):
+        super().__init__()
+        layers, c = [nn.Conv2d(4, ch, 3, padding=1)], ch
+        while res > 4:
+            c_next = min(c * 2, max_ch)
+            layers += [nn.LeakyReLU(0.2), nn.Conv2d(c, c_next, 3, padding=1), nn.LeakyReLU(0.2),
+                       nn.Conv2d(c_next, c_next, 4, 2, 1)]
+            c, res = c_next, res // 2
+        self.body = nn.Sequential(*layers, nn.LeakyReLU(0.2))
+        self.head = nn.Linear(c * res * res, 1)
+
+    def forward(self, image, depth):
+        x = torch.cat([image, normalize_depth(depth)], 1)                    # (B, 4, H, W)
+        return self.head(self.body(x).flatten(1)).squeeze(1)                # (B,) logits
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Losses
+# ---------------------------------------------------------------------------------------------
+def kl_loss(mean, logvar):
+    """KL(N(mean, exp(logvar)) || N(0, I)) = 1/2 sum(mean^2 + exp(logvar) - 1 - logvar),
+    summed over the latent, averaged over the batch (the VAE's regulariser, kept small)."""
+    return 0.5 * (mean.square() + logvar.exp() - 1 - logvar).flatten(1).sum(1).mean()
+
+
+def align_scale_shift(pred, target):
+    """Per-image least squares: (s, b) = argmin sum (s * pred + b - target)^2, closed form.
+
+    pred, target (B, N). s = cov(pred, target) / var(pred), b = mean(target) - s mean(pred).
+    s is clamped at 0: an *inverted* depth map must not fit as well as the right one.
+    """
+    pm, tm = pred.mean(1, keepdim=True), target.mean(1, keepdim=True)
+    cov = ((pred - pm) * (target - tm)).mean(1, keepdim=True)
+    var = (pred - pm).square().mean(1, keepdim=True)
+    s = (cov / var.clamp_min(1e-8)).clamp_min(0)
+    return s, tm - s * pm
+
+
+def depth_loss(rendered, mono):
+    """Scale-and-shift invariant depth loss (MiDaS-style), in inverse depth.
+
+    Monocular depth is only known up to scale and shift -- for the usual estimators, affine in
+    *disparity* -- so both maps become disparity, the monocular one is standardised, and the
+    rendered one is aligned onto it by least squares before an L1. Aligning the prediction (not
+    the target) means a flat prediction cannot score zero: it fits only the mean.
+    rendered (B, 1, h, w) z-depth, mono (B, 1, H, W) depth -> scalar.
+    """
+    mono = F.interpolate(mono, size=rendered.shape[-2:], mode="nearest")
+    target = normalize_depth(mono).flatten(1)                               # (B, N)
+    pred = 1.0 / rendered.clamp_min(1e-2).flatten(1)
+    s, b = align_scale_shift(pred, target)
+    return (s * pred + b - target).abs().mean()
+
+
+def d_loss_fn(disc, real_img, real_depth, fake_img, fake_depth, r1_gamma):
+    """Non-saturating GAN loss for the discriminator, plus the R1 penalty on reals
+    (Mescheder et al. 2018): softplus(D(fake)) + softplus(-D(real)) + gamma/2 |grad_x D(real)|^2.
+    """
+    real_img = real_img.detach().requires_grad_(r1_gamma > 0)
+    real_logits = disc(real_img, real_depth)
+    fake_logits = disc(fake_img.detach(), fake_depth.detach())
+    loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+    r1 = torch.zeros(())
+    if r1_gamma > 0:
+        grad, = torch.autograd.grad(real_logits.sum(), real_img, create_graph=True)
+        r1 = grad.square().flatten(1).sum(1).mean()
+        loss = loss + 0.5 * r1_gamma * r1
+    return loss, r1
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Evaluation on held-out synthetic views
+# ---------------------------------------------------------------------------------------------
+def psnr(a, b):
+    """PSNR in dB of images in [-1, 1] (computed on [0, 1]), per image (B,)."""
+    mse = ((a - b) / 2).square().flatten(1).mean(1)
+    return -10 * torch.log10(mse.clamp_min(1e-10))
+
+
+def forward_warp(image, depth, cam2world, fov_deg, radius):
+    """The depth-warp baseline: lift each input pixel to 3D with its depth (camera P0), project
+    it into the novel camera, and keep the nearest one per target pixel (z-buffer). Holes get
+    the image's mean colour. image (B, 3, H, W), depth (B, 1, H, W) -> (B, 3, H, W)."""
+    B, _, H, W = image.shape
+    f = render.focal_length(fov_deg, H)
+    pix = (torch.arange(H, dtype=torch.float32) + 0.5 - H / 2) / f
+    v, u = torch.meshgrid(pix, pix, indexing="ij")
+    z = depth[:, 0]                                                          # (B, H, W)
+    pts = torch.stack([u * z, v * z, z - radius], -1).view(B, -1, 3)        # P0: R = I
+    R, t = cam2world[:, :3, :3], cam2world[:, :3, 3]
+    cam = (pts - t[:, None]) @ R                                             # world -> camera
+    zc = cam[..., 2]
+    px = (cam[..., 0] / zc * f + W / 2).floor().long()
+    py = (cam[..., 1] / zc * f + H / 2).floor().long()
+    ok = (zc > 1e-3) & (px >= 0) & (px < W) & (py >= 0) & (py < H)
+    out = image.mean((2, 3), keepdim=True).expand(-1, -1, H, W).clone()
+    for b in range(B):
+        idx = (py[b] * W + px[b])[ok[b]]
+        zb, cols = zc[b][ok[b]], image[b].flatten(1)[:, ok[b]]
+        order = torch.argsort(zb, descending=True)                           # far first...
+        flat = out[b].flatten(1)
+        flat[:, idx[order]] = cols[:, order]                                 # ...near wins
+        out[b] = flat.view(3, H, W)
+    return out
+
+
+def pearson(a, b):
+    """Pearson correlation per image of (B, ...) tensors."""
+    a, b = a.flatten(1) - a.flatten(1).mean(1, keepdim=True), b.flatten(1) - b.flatten(1).mean(
+        1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def evaluate(model, root, max_scenes=None, yaw_only=20.0, save=None):
+    """Score novel-view synthesis on ROOT/_heldout (made by `data.py scenes --heldout`).
+
+    For every held-out scene and view: PSNR of the model's render, of the input copied as is,
+    and of the input forward-warped by its depth, against the true render; and the Pearson
+    correlation of the model's P0 depth with the true depth. Returns a dict of means, over all
+    views and over the views at |yaw| = yaw_only (pitch 0).
+    """
+    meta = data_mod.read_scene_meta(root)
+    held = os.path.join(root, "_heldout")
+    if meta is None or not meta.get("heldout"):
+        raise UserError(f"{root}: no held-out views; make them with `python data.py scenes "
+                        f"{root} --heldout 64` (the training scenes stay the same)")
+    c = model.config
+    if abs(meta["fov_deg"] - c["fov_deg"]) > 1e-6 or abs(meta["radius"] - c["radius"]) > 1e-6:
+        print(f"note: the scenes were rendered with fov {meta['fov_deg']}, radius "
+              f"{meta['radius']}; the model uses fov {c['fov_deg']}, radius {c['radius']}")
+    ds = data_mod.ImageFolder(held, c["res"], depth=True, labels=False, verbose=False)
+    n = min(len(ds), max_scenes or len(ds))
+    rows = dict(model=[], copy=[], warp=[])
+    rows_yaw = dict(model=[], copy=[], warp=[])
+    corr, grid = [], []
+    for i in tqdm(range(n), desc="evaluating", leave=False):
+        item = ds[i]
+        image, depth = item["image"][None], item["depth"][None]              # (1, 3, H, W) ...
+        planes = model.decode(model.encode(image, depth))
+        p0 = model.render(planes, model.P0(1))
+        true_depth = depth
+        corr.append(pearson(p0["depth"], F.interpolate(true_depth, size=p0["depth"].shape[-2:],
+                                                       mode="nearest")))
+        name = os.path.splitext(os.path.basename(ds.files[i]))[0]
+        for v in meta["views"]:
+            yaw, pitch = v["yaw_deg"], v["pitch_deg"]
+            stem = os.path.join(held, "_views", name, f"yaw{yaw:+g}_pitch{pitch:+g}")
+            gt = torch.from_numpy(data_mod.load_rgb(stem + ".png", c["res"])[0]).permute(
+                2, 0, 1)[None].float() / 127.5 - 1
+            cam = render.orbit_camera(torch.tensor([float(yaw)]), torch.tensor([float(pitch)]),
+                                      c["radius"])
+            pred = model.render(planes, cam)["image"].clamp(-1, 1)
+            warp = forward_warp(image, depth, cam, c["fov_deg"], c["radius"])
+            for key, img in (("model", pred), ("copy", image), ("warp", warp)):
+                score = psnr(img, gt).item()
+                rows[key].append(score)
+                if abs(abs(yaw) - yaw_only) < 1e-6 and pitch == 0:
+                    rows_yaw[key].append(score)
+            if save is not None and i < 6 and abs(yaw) == yaw_only and pitch == 0:
+                grid.append(torch.cat([image, gt, pred, warp], -1))
+    mean = lambda xs: sum(xs) / max(len(xs), 1)
+    result = {f"psnr_{k}": mean(v) for k, v in rows.items()}
+    result.update({f"psnr_{k}_yaw{yaw_only:g}": mean(v) for k, v in rows_yaw.items()})
+    result["depth_pearson"] = torch.cat(corr).mean().item()
+    result["scenes"] = n
+    if save and grid:
+        save_image(torch.cat(grid, -2), save)
+    return result
+
+
+def save_image(x, path):
+    """(3, H, W) or (1, 3, H, W) in [-1, 1] -> PNG."""
+    from PIL import Image
+    x = x.reshape(-1, *x.shape[-2:]) if x.dim() == 4 and x.shape[0] == 1 else x
+    x = x[0] if x.dim() == 4 else x
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def colorize_depth(depth):
+    """(B, 1, H, W) depth -> (B, 3, H, W) in [-1, 1] through matplotlib's viridis, near = dark,
+    each image stretched between its own 2nd and 98th percentile of inverse depth."""
+    import matplotlib
+    disp = 1.0 / depth.clamp_min(1e-3)
+    lo = disp.flatten(1).quantile(0.02, dim=1)[:, None, None, None]
+    hi = disp.flatten(1).quantile(0.98, dim=1)[:, None, None, None]
+    x = (1 - ((disp - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1))[:, 0]
+    rgb = matplotlib.colormaps["viridis"](x.cpu().numpy())[..., :3]
+    return torch.from_numpy(rgb).permute(0, 3, 1, 2).float() * 2 - 1
+
+
+@torch.no_grad()
+def preview(model, image, depth, yaw, path):
+    """The PNG a person reads while training: one row per image with
+    input | reconstruction | rendered depth | novel views at -yaw, 0, +yaw | their depths."""
+    B, res = image.shape[0], model.config["res"]
+    planes = model.decode(model.encode(image, depth))
+    cols = [image]
+    views, depths = [], []
+    for y in (-yaw, 0.0, yaw):
+        out = model.render(planes, render.orbit_camera(torch.full((B,), y), torch.zeros(B),
+                                                       model.config["radius"]).to(image.device))
+        views.append(out["image"])
+        depths.append(F.interpolate(colorize_depth(out["depth"]), size=res, mode="nearest")
+                      .to(image.device))
+    cols += [views[1], depths[1], *views, *depths]
+    save_image(torch.cat([torch.cat(cols, -1)[b] for b in range(B)], -2), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Training
+# ---------------------------------------------------------------------------------------------
+# Each preset is a complete set of defaults; any flag given on the command line wins.
+PRESETS = {
+    # One GPU, 256 px (the paper's resolution): z 4x32x32, triplane 3 x 32 x 128^2, the volume
+    # renderer at 64 px and a 4x upsampler, as EG3D and WildFusion do.
+    "base": dict(res=256, render_res=64, z_res=32, z_ch=4, enc_ch=64, dec_dim=256, dec_depth=4,
+                 dec_heads=8, plane_ch=32, plane_res=128, hidden=64, feat_ch=32, up_ch=64,
+                 n_coarse=48, n_fine=48, batch=16, lr=2e-4, steps=200_000, disc_ch=64,
+                 n_scenes=20000, every=1000, adv_weight=0.05),
+    # A laptop CPU in ~10 minutes: 32 px, z 4x8x8, everything small.
+    "tiny": dict(res=32, render_res=32, z_res=8, z_ch=4, enc_ch=32, dec_dim=96, dec_depth=2,
+                 dec_heads=4, plane_ch=16, plane_res=32, hidden=32, feat_ch=16, up_ch=32,
+                 n_coarse=16, n_fine=16, batch=8, lr=1e-3, steps=1500, disc_ch=16,
+                 n_scenes=1000, every=250, adv_weight=0.02),
+}
+MODEL_KEYS = ("res", "render_res", "z_res", "z_ch", "enc_ch", "dec_dim", "dec_depth",
+              "dec_heads", "plane_ch", "plane_res", "hidden", "feat_ch", "up_ch", "n_coarse",
+              "n_fine")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Train WildFusion's 3D-aware autoencoder (stage 1).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--preset", default="base", choices=list(PRESETS), help="a complete set of defaults")
+    a("--data", help="image folder (default: synthetic scenes rendered into data/scenes-RES)")
+    a("--out", default=None, help="run folder (default runs/ae-PRESET)")
+    a("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    a("--eval", metavar="CKPT", help="evaluate a checkpoint on --data's held-out views and exit")
+    # model (None: take the preset's value)
+    for k in MODEL_KEYS:
+        a(f"--{k.replace('_', '-')}", type=int, default=None, help=f"model size ({k})")
+    a("--fov-deg", type=float, default=None, help="camera field of view (default: scenes.json "
+      "of synthetic data, else 40)")
+    a("--radius", type=float, default=None, help="camera distance to the pivot (default 2.7)")
+    a("--contraction", default="linf", choices=["linf", "sphere"])
+    a("--depth-input", action="store_true", help="give the encoder the depth map as 4th channel")
+    # losses
+    a("--depth-weight", type=float, default=1.0, help="depth loss weight; 0 switches it off")
+    a("--adv-weight", type=float, default=None, help="adversarial weight; 0 switches it off")
+    a("--adv-start", type=int, default=None, help="step the adversarial loss starts "
+      "(default: a third of --steps)")
+    a("--raw-weight", type=float, default=1.0, help="L1 weight on the low-res raw RGB")
+    a("--kl-weight", type=float, default=1e-5, help="KL weight (summed over the latent)")
+    a("--lpips-weight", type=float, default=0.0, help="LPIPS weight (needs `pip install lpips`)")
+    a("--r1-gamma", type=float, default=1.0, help="R1 penalty on real images")
+    a("--yaw-range", type=float, default=30.0, help="novel views: yaw in +-this, degrees")
+    a("--pitch-range", type=float, default=15.0, help="novel views: pitch in +-this, degrees")
+    # optimisation
+    a("--steps", type=int, default=None)
+    a("--batch", type=int, default=None, help="images per step, over all processes")
+    a("--lr", type=float, default=None)
+    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm; 0 disables")
+    a("--disc-ch", type=int, default=None)
+    a("--n-scenes", type=int, default=None, help="synthetic scenes to make when --data is unset")
+    a("--every", type=int, default=None, help="preview PNG and checkpoint every N steps")
+    a("--seed", type=int, default=0)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast (CUDA)")
+    a("--compile", action="store_true", help="torch.compile the networks (CUDA)")
+    a("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    args = p.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.out = args.out or f"runs/ae-{args.preset}"
+    if args.adv_start is None:
+        args.adv_start = args.steps // 3
+    return args
+
+
+def check_args(args):
+    """Out-of-range flags: one clear line each, before anything heavy happens."""
+    def need(ok, msg):
+        if not ok:
+            raise UserError(msg)
+    pow2 = lambda x: x > 0 and (x & (x - 1)) == 0
+    need(args.steps > 0 and args.batch > 0, "--steps and --batch must be positive")
+    need(args.res % args.z_res == 0 and pow2(args.res // args.z_res),
+         f"--res ({args.res}) must be --z-res ({args.z_res}) times a power of two")
+    need(args.res % args.render_res == 0 and pow2(args.res // args.render_res),
+         f"--res ({args.res}) must be --render-res ({args.render_res}) times a power of two")
+    need(args.plane_res % args.z_res == 0 and pow2(args.plane_res // args.z_res),
+         f"--plane-res ({args.plane_res}) must be --z-res ({args.z_res}) times a power of two")
+    need(args.dec_dim % args.dec_heads == 0, "--dec-dim must be divisible by --dec-heads")
+    need(args.feat_ch >= 3, "--feat-ch must be at least 3 (the raw RGB)")
+    need(0 < (args.fov_deg or 40) < 179, "--fov-deg must be in (0, 179)")
+    need(min(args.depth_weight, args.adv_weight, args.kl_weight, args.lpips_weight) >= 0,
+         "loss weights must be >= 0")
+    need(args.device == "cpu" or torch.cuda.is_available(),
+         f"--device {args.device}: CUDA is not available here; use --device cpu")
+    need(args.amp == "none" or args.device.startswith("cuda"),
+         "--amp bf16 is for CUDA; on a CPU train in float32 (leave --amp out)")
+
+
+def model_config(args):
+    c = {k: getattr(args, k) for k in MODEL_KEYS}
+    c.update(fov_deg=args.fov_deg, radius=args.radius, contraction=args.contraction,
+             depth_input=args.depth_input)
+    return c
+
+
+def default_data(args):
+    """The synthetic scenes, rendered once at the preset's resolution and reused."""
+    root = os.path.join("data", f"scenes-{max(args.res, 64)}")
+    meta = data_mod.read_scene_meta(root)
+    if meta is None or meta["n"] < args.n_scenes:
+        if is_main():
+            print(f"no --data given: rendering {args.n_scenes} synthetic scenes into {root} "
+                  f"(once; later runs reuse them)")
+            data_mod.make_scenes(root, args.n_scenes, res=max(args.res, 64), heldout=64)
+        barrier()
+    return root
+
+
+# --- processes: one per GPU under torchrun, else just one -------------------------------------
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main():
+    return rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def setup_distributed(args):
+    """Under torchrun (WORLD_SIZE set): one process per device, gloo on CPU, nccl on CUDA."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        cuda = args.device.startswith("cuda")
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local)
+            args.device = f"cuda:{local}"
+
+
+def all_reduce_grads(params):
+    """Data parallelism, written out: average the gradients of all processes with one
+    all-reduce over a flat buffer. (nn.parallel.DistributedDataParallel does the same, bucketed
+    and overlapped with backward, but it only hooks a module's forward(); our model is called
+    through encode/decode/render, so the plain version is both simpler and correct here.)"""
+    if world() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world()
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+
+
+def batch_indices(step, n, batch, seed):
+    """The data indices this process uses at `step`: a fresh permutation of the data set per
+    epoch, seeded by (seed, epoch), and a slice of the global batch per process. A pure function
+    of the step, so a resumed run sees exactly the batches an uninterrupted one would."""
+    per = batch // world()
+    first = step * batch + rank() * per
+    idx = []
+    for i in range(first, first + per):
+        epoch = i // n
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        idx.append(int(torch.randperm(n, generator=g)[i % n]))
+    return idx
+
+
+def save_checkpoint(path, state):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    s = dict(torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def random_cameras(n, yaw_range, pitch_range, radius):
+    """Novel views around P0: yaw, pitch uniform in +-range degrees -> (n, 4, 4)."""
+    yaw = (torch.rand(n) * 2 - 1) * yaw_range
+    pitch = (torch.rand(n) * 2 - 1) * pitch_range
+    return render.orbit_camera(yaw, pitch, radius)
+
+
+def make_lpips(weight, device):
+    if weight <= 0:
+        return None
+    try:
+        import lpips
+    except ImportError:
+        raise UserError("--lpips-weight > 0 needs `pip install lpips` (or leave it at 0)")
+    return lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
+
+
+def train(args):
+    setup_distributed(args)
+    check_args(args)
+    torch.manual_seed(args.seed)                      # the same initial weights on every rank
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    # --- data ---
+    root = args.data or default_data(args)
+    meta = data_mod.read_scene_meta(root)
+    args.fov_deg = args.fov_deg or (meta["fov_deg"] if meta else 40.0)
+    args.radius = args.radius or (meta["radius"] if meta else 2.7)
+    need_depth = args.depth_weight > 0 or args.depth_input or args.adv_weight > 0
+    ds = data_mod.ImageFolder(root, args.res, depth=True if need_depth else False, flip=True,
+                              verbose=is_main())
+    if args.batch % world():
+        raise UserError(f"--batch {args.batch} must be divisible by the {world()} processes")
+
+    # --- model, discriminator, optimisers ---
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    config = model_config(args)
+    model = AutoEncoder(config).to(device)
+    disc = Discriminator(args.res, args.disc_ch).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    # Adam with beta1 = 0 for GANs (StyleGAN2): momentum makes the two-player game oscillate.
+    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.0, 0.99))
+    torch.manual_seed(args.seed + rank())             # but each rank its own poses and noise
+    step = 0
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path, CKPT_KIND, "an autoencoder checkpoint to resume")
+        if ckpt["config"] != config:
+            raise UserError(f"{ckpt_path}: was trained with another model configuration; "
+                            f"use the same flags (or another --out)")
+        model.load_state_dict(ckpt["model"])
+        disc.load_state_dict(ckpt["disc"])
+        opt.load_state_dict(ckpt["opt"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        step = ckpt["step"]
+        set_rng_state(ckpt["rng"][rank()] if rank() < len(ckpt["rng"]) else ckpt["rng"][0])
+    if args.compile:
+        if device.type == "cuda":
+            model.encoder = torch.compile(model.encoder)
+            model.decoder = torch.compile(model.decoder)
+            model.upsampler = torch.compile(model.upsampler)
+            model.compile = True                      # the renderer's per-sample hot path
+        elif is_main():
+            print("note: --compile is for CUDA; running eagerly on the CPU")
+    lpips_fn = make_lpips(args.lpips_weight, device)
+    if is_main():
+        n_ae = sum(p.numel() for p in model.parameters())
+        n_d = sum(p.numel() for p in disc.parameters())
+        print(f"data: {root}, {len(ds)} images at {args.res} px, depth maps: {ds.use_depth}")
+        print(f"autoencoder {n_ae / 1e6:.2f} M parameters, discriminator {n_d / 1e6:.2f} M; "
+              f"z = {args.z_ch}x{args.z_res}x{args.z_res}; {world()} process(es) on {device}")
+        if args.lpips_weight == 0:
+            print("note: LPIPS off (--lpips-weight 0); reconstruction uses L1 only")
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.amp == "bf16")
+    params, params_d = list(model.parameters()), list(disc.parameters())
+    ds.flip = False                                   # the preview's images, unflipped and
+    fixed = [ds[i] for i in range(min(4, len(ds)))]   # without touching the RNG (exact resume)
+    ds.flip = True
+    fixed_img = torch.stack([f["image"] for f in fixed]).to(device)
+    fixed_depth = torch.stack([f["depth"] for f in fixed]).to(device) if ds.use_depth else None
+
+    bar = tqdm(total=args.steps, initial=step, disable=not is_main(), dynamic_ncols=True)
+    t_last, logs, history = time.time(), {}, []
+    while step < args.steps:
+        idx = batch_indices(step, len(ds), args.batch, args.seed)
+        items = [ds[i] for i in idx]
+        image = torch.stack([it["image"] for it in items]).to(device)        # (B, 3, H, W)
+        depth = torch.stack([it["depth"] for it in items]).to(device) if ds.use_depth else None
+        B = image.shape[0]
+        adv_on = args.adv_weight > 0 and step >= args.adv_start
+
+        # --- autoencoder step ---
+        model.train()
+        with autocast:
+            mean, logvar = model.posterior(image, depth)
+            z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)         # reparameterise
+            planes = model.decode(z)
+            rec = model.render(planes, model.P0(B).to(device), perturb=True)
+            loss_rgb = (rec["image"] - image).abs().mean()
+            low = F.interpolate(image, size=rec["raw"].shape[-2:], mode="area")
+            loss_raw = (rec["raw"] - low).abs().mean()
+            loss_kl = kl_loss(mean.float(), logvar.float())
+            loss = loss_rgb + args.raw_weight * loss_raw + args.kl_weight * loss_kl
+            logs.update(rgb=loss_rgb.item(), raw=loss_raw.item(), kl=loss_kl.item())
+            if lpips_fn is not None:
+                loss_lp = lpips_fn(rec["image"], image).mean()
+                loss = loss + args.lpips_weight * loss_lp
+                logs["lpips"] = loss_lp.item()
+            if args.depth_weight > 0:
+                loss_depth = depth_loss(rec["depth"].float(), depth)
+                loss = loss + args.depth_weight * loss_depth
+                logs["depth"] = loss_depth.item()
+            if adv_on:
+                cams = random_cameras(B, args.yaw_range, args.pitch_range, args.radius)
+                nov = model.render(planes, cams.to(device), perturb=True)
+                nov_depth = F.interpolate(nov["depth"], size=args.res, mode="nearest")
+                loss_g = F.softplus(-disc(nov["image"], nov_depth)).mean()
+                loss = loss + args.adv_weight * loss_g
+                logs["g"] = loss_g.item()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        all_reduce_grads(params)
+        if args.grad_clip > 0:
+            logs["gnorm"] = nn.utils.clip_grad_norm_(params, args.grad_clip).item()
+        opt.step()
+
+        # --- discriminator step ---
+        if adv_on:
+            with autocast:
+                loss_d, r1 = d_loss_fn(disc, image, depth, nov["image"], nov_depth, args.r1_gamma)
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            all_reduce_grads(params_d)
+            opt_d.step()
+            logs.update(d=loss_d.item(), r1=r1.item())
+        step += 1
+        history.append(dict(logs))
+
+        # --- progress, previews, checkpoints ---
+        if is_main():
+            now = time.time()
+            logs["img/s"] = B * world() / max(now - t_last, 1e-9)
+            t_last = now
+            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()}, refresh=False)
+            bar.update(1)
+            if step % args.every == 0 or step == args.steps:
+                model.eval()
+                preview(model, fixed_img, fixed_depth, args.yaw_range,
+                        os.path.join(args.out, f"preview_{step:06d}.png"))
+                save_checkpoint(ckpt_path, dict(
+                    kind=CKPT_KIND, config=config, model=model.state_dict(),
+                    disc=disc.state_dict(), opt=opt.state_dict(), opt_d=opt_d.state_dict(),
+                    step=step, args={k: v for k, v in vars(args).items()},
+                    rng=gather_rng(), data=os.path.abspath(root)))
+        elif step % args.every == 0 or step == args.steps:
+            gather_rng()                                  # every rank joins the collective
+    bar.close()
+    if is_main():
+        print(f"done: {ckpt_path}, previews in {args.out}/preview_*.png")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return dict(model=model, disc=disc, history=history)
+
+
+def gather_rng():
+    """Every process's RNG state (rank 0 writes them all, so each rank resumes its own)."""
+    s = rng_state()
+    if world() == 1:
+        return [s]
+    out = [None] * world()
+    dist.all_gather_object(out, s)
+    return out
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.eval:
+        model = load(args.eval)
+        root = args.data or os.path.join("data", f"scenes-{max(model.config['res'], 64)}")
+        out = os.path.join(os.path.dirname(args.eval), "eval_views.png")
+        r = evaluate(model, root, save=out)
+        print(f"held-out novel views of {root} ({r['scenes']} scenes):")
+        for k, v in r.items():
+            if k != "scenes":
+                print(f"  {k:24s} {v:.3f}")
+        print(f"wrote {out} (rows: input | truth | model | depth-warp, at yaw +-20)")
+        return
+    train(args)
+
+
+if __name__ == "__main__":
+    data_mod.run_cli(main)

@@ -1,0 +1,193 @@
+"""autoencoder.py: shapes, losses against closed forms, training that learns, exact resume, DDP."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import autoencoder as ae
+import data
+import render
+from data import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A model small enough to train for hundreds of steps in seconds on a CPU.
+MICRO = ["--preset", "tiny", "--res", "16", "--render-res", "16", "--z-res", "4", "--enc-ch", "8",
+         "--dec-dim", "16", "--dec-depth", "1", "--dec-heads", "2", "--plane-ch", "4",
+         "--plane-res", "8", "--hidden", "8", "--feat-ch", "4", "--up-ch", "8", "--n-coarse", "8",
+         "--n-fine", "8", "--disc-ch", "8", "--batch", "2", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scenes")
+    data.make_scenes(str(root), 4, res=16, heldout=2, views="-20:0,20:0", aa=1, verbose=False)
+    return str(root)
+
+
+def micro_args(scenes, out, *extra):
+    return ae.get_args(MICRO + ["--data", scenes, "--out", str(out), *extra])
+
+
+def test_shapes_and_dtypes_of_the_tiny_preset():
+    args = ae.get_args(["--preset", "tiny", "--fov-deg", "40", "--radius", "2.7"])
+    model = ae.AutoEncoder(ae.model_config(args)).eval()
+    image = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = model.encode(image)
+    assert z.shape == (2, 4, 8, 8) and z.dtype == torch.float32
+    planes = model.decode(z)
+    assert planes.shape == (2, 3, 16, 32, 32)
+    out = model.render(planes, model.P0(2))
+    assert out["image"].shape == (2, 3, 32, 32) and out["raw"].shape == (2, 3, 32, 32)
+    assert out["depth"].shape == out["opacity"].shape == (2, 1, 32, 32)
+    assert model.render(planes, model.P0(2), res=16)["image"].shape == (2, 3, 16, 16)
+    base = ae.AutoEncoder(ae.model_config(ae.get_args(["--fov-deg", "40", "--radius", "2.7"])))
+    assert base.upsampler.factor == 4 and base.config["plane_res"] == 128
+
+
+def test_kl_matches_torch_distributions():
+    mean, logvar = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+    q = torch.distributions.Normal(mean, (0.5 * logvar).exp())
+    p = torch.distributions.Normal(torch.zeros_like(mean), torch.ones_like(mean))
+    expect = torch.distributions.kl_divergence(q, p).flatten(1).sum(1).mean()
+    assert torch.allclose(ae.kl_loss(mean, logvar), expect, rtol=1e-5)
+
+
+def test_scale_shift_alignment_is_exact():
+    pred = torch.rand(4, 100)
+    s_true, b_true = torch.tensor([[0.5], [2.0], [3.0], [10.0]]), torch.tensor([[1.0], [-2], [0], [5]])
+    s, b = ae.align_scale_shift(pred, s_true * pred + b_true)
+    assert torch.allclose(s, s_true, atol=1e-4) and torch.allclose(b, b_true, atol=1e-4)
+    # An inverted map does not fit: s is clamped at 0 and only the mean is matched.
+    s, b = ae.align_scale_shift(pred, -pred)
+    assert torch.all(s == 0) and torch.allclose(b, -pred.mean(1, keepdim=True))
+
+
+def test_depth_loss_is_scale_invariant_and_rejects_flat():
+    depth = 1.5 + torch.rand(2, 1, 8, 8) * 3
+    assert ae.depth_loss(depth, depth) < 1e-5
+    assert ae.depth_loss(depth, 7.0 * depth) < 1e-5              # only relative depth matters
+    assert ae.depth_loss(torch.full_like(depth, 2.0), depth) > 0.5
+
+
+def test_forward_warp_identity_and_baseline_psnr():
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    depth = 2.0 + torch.rand(1, 1, 16, 16)
+    same = ae.forward_warp(image, depth, render.orbit_camera(0.0, 0.0, 2.7)[None], 40.0, 2.7)
+    assert torch.allclose(same, image, atol=1e-6)
+    assert ae.psnr(same, image).item() > 60
+    # A turned camera moves the pixels: the warp differs from the input.
+    moved = ae.forward_warp(image, depth, render.orbit_camera(15.0, 0.0, 2.7)[None], 40.0, 2.7)
+    assert not torch.allclose(moved, image)
+
+
+def test_one_step_changes_every_parameter(scenes, tmp_path):
+    args = micro_args(scenes, tmp_path, "--steps", "1", "--adv-start", "0", "--every", "1")
+    torch.manual_seed(args.seed)                       # the same initialisation as train()
+    init = ae.AutoEncoder(ae.model_config(args))
+    init_d = ae.Discriminator(args.res, args.disc_ch)
+    run = ae.train(args)
+    for name, before in list(init.named_parameters()) + [
+            ("disc." + n, p) for n, p in init_d.named_parameters()]:
+        after = dict(run["model"].named_parameters()).get(name)
+        if after is None:
+            after = dict(run["disc"].named_parameters())[name[5:]]
+        assert not torch.equal(before, after), f"{name} did not change"
+    assert os.path.isfile(tmp_path / "ckpt.pt") and os.path.isfile(tmp_path / "preview_000001.png")
+
+
+def test_overfitting_one_batch_lowers_reconstruction(tmp_path):
+    root = tmp_path / "two"
+    data.make_scenes(str(root), 2, res=16, aa=1, verbose=False)
+    args = micro_args(str(root), tmp_path / "run", "--steps", "300", "--adv-weight", "0",
+                      "--every", "1000", "--lr", "3e-3")
+    hist = ae.train(args)["history"]
+    first = sum(h["rgb"] for h in hist[:5]) / 5
+    last = sum(h["rgb"] for h in hist[-10:]) / 10
+    assert last < first / 2.5, (first, last)
+    first_d = sum(h["depth"] for h in hist[:5]) / 5
+    last_d = sum(h["depth"] for h in hist[-10:]) / 10
+    assert last_d < first_d / 2.5, (first_d, last_d)          # geometry is learned too
+
+
+def test_resume_is_bit_exact(scenes, tmp_path):
+    common = ["--adv-start", "1", "--every", "2"]
+    straight = ae.train(micro_args(scenes, tmp_path / "a", "--steps", "4", *common))["model"]
+    ae.train(micro_args(scenes, tmp_path / "b", "--steps", "2", *common))
+    resumed = ae.train(micro_args(scenes, tmp_path / "b", "--steps", "4", "--resume",
+                                  *common))["model"]
+    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name
+    # and load() gives back the same weights in eval mode
+    loaded = ae.load(str(tmp_path / "b" / "ckpt.pt"))
+    assert not loaded.training and loaded.config["radius"] == data.SCENE_RADIUS
+    assert all(torch.equal(p, q) for p, q in zip(loaded.state_dict().values(),
+                                                 resumed.state_dict().values()))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, scenes, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    run = ae.train(micro_args(scenes, out, "--steps", "3", "--adv-start", "1", "--every", "3",
+                              "--device", "cpu"))
+    torch.save(run["model"].state_dict(), os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_ddp_two_processes_keep_identical_weights(scenes, tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), scenes, str(tmp_path)), nprocs=2, join=True)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert os.path.isfile(tmp_path / "ckpt.pt")          # written once, by rank 0
+    # and the weights moved away from the initialisation
+    torch.manual_seed(0)
+    init = ae.AutoEncoder(ae.model_config(micro_args(scenes, tmp_path))).state_dict()
+    assert not torch.equal(init["field.density.weight"], a["field.density.weight"])
+
+
+def test_evaluate_reports_model_and_baselines(scenes, tmp_path):
+    ae.train(micro_args(scenes, tmp_path, "--steps", "2", "--adv-weight", "0", "--every", "2"))
+    model = ae.load(str(tmp_path / "ckpt.pt"))
+    r = ae.evaluate(model, scenes, save=str(tmp_path / "views.png"))
+    assert r["scenes"] == 2 and os.path.isfile(tmp_path / "views.png")
+    for k in ("psnr_model", "psnr_copy", "psnr_warp", "psnr_model_yaw20", "depth_pearson"):
+        assert k in r and r[k] == r[k]                   # present and not NaN
+    assert r["psnr_warp"] > r["psnr_copy"]               # the depth warp beats a plain copy
+
+
+def test_bad_inputs_are_one_clear_error(scenes, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images found"):
+        ae.train(micro_args(str(tmp_path / "empty"), tmp_path / "o"))
+    nodepth = tmp_path / "nodepth"
+    nodepth.mkdir()
+    for f in os.listdir(scenes):
+        if f.endswith(".png"):
+            os.link(os.path.join(scenes, f), nodepth / f)
+    with pytest.raises(UserError, match="depth maps are required"):
+        ae.train(micro_args(str(nodepth), tmp_path / "o"))
+    fake = tmp_path / "ldm.pt"
+    torch.save(dict(kind="wildfusion-diffusion", model={}), fake)
+    with pytest.raises(UserError, match="wildfusion-diffusion checkpoint, expected an autoencoder"):
+        ae.load(str(fake))
+    with pytest.raises(UserError, match="power of two"):
+        ae.train(micro_args(scenes, tmp_path / "o", "--z-res", "5"))
+    with pytest.raises(UserError, match="no such checkpoint"):
+        ae.load(str(tmp_path / "missing.pt"))
+    # From the command line: one line on stderr, exit code 2, no traceback.
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "autoencoder.py"), "--eval",
+                        str(fake)], capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("error:")
