@@ -480,13 +480,15 @@ def save_image(x, path):
     Image.fromarray(arr).save(path)
 
 
-def colorize_depth(depth):
-    """(B, 1, H, W) depth -> (B, 3, H, W) in [-1, 1] through matplotlib's viridis, near = dark,
-    each image stretched between its own 2nd and 98th percentile of inverse depth."""
+def colorize_depth(depth, lo=None, hi=None):
+    """(B, 1, H, W) depth -> (B, 3, H, W) in [-1, 1] through matplotlib's viridis, near = dark.
+    Inverse depth is stretched between lo and hi, by default each image's own 2nd and 98th
+    percentile (pass fixed values to colour a whole video on one scale)."""
     import matplotlib
     disp = 1.0 / depth.clamp_min(1e-3)
-    lo = disp.flatten(1).quantile(0.02, dim=1)[:, None, None, None]
-    hi = disp.flatten(1).quantile(0.98, dim=1)[:, None, None, None]
+    if lo is None or hi is None:
+        lo = disp.flatten(1).quantile(0.02, dim=1)[:, None, None, None]
+        hi = disp.flatten(1).quantile(0.98, dim=1)[:, None, None, None]
     x = (1 - ((disp - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1))[:, 0]
     rgb = matplotlib.colormaps["viridis"](x.cpu().numpy())[..., :3]
     return torch.from_numpy(rgb).permute(0, 3, 1, 2).float() * 2 - 1
@@ -496,17 +498,23 @@ def colorize_depth(depth):
 def preview(model, image, depth, yaw, path):
     """The PNG a person reads while training: one row per image with
     input | reconstruction | rendered depth | novel views at -yaw, 0, +yaw | their depths."""
-    B, res = image.shape[0], model.config["res"]
-    planes = model.decode(model.encode(image, depth))
-    cols = [image]
+    view_grid(model, model.decode(model.encode(image, depth)), yaw, path, first=[image])
+
+
+@torch.no_grad()
+def view_grid(model, planes, yaw, path, first=()):
+    """Render triplanes (B, 3, C, R, R) from P0 and from -yaw, 0, +yaw and write one row per
+    scene: [first columns] | P0 view | P0 depth | three views | their depths. Also used by
+    diffusion.py and sample.py to show generated scenes."""
+    B, res = planes.shape[0], model.config["res"]
     views, depths = [], []
     for y in (-yaw, 0.0, yaw):
         out = model.render(planes, render.orbit_camera(torch.full((B,), y), torch.zeros(B),
-                                                       model.config["radius"]).to(image.device))
+                                                       model.config["radius"]).to(planes.device))
         views.append(out["image"])
         depths.append(F.interpolate(colorize_depth(out["depth"]), size=res, mode="nearest")
-                      .to(image.device))
-    cols += [views[1], depths[1], *views, *depths]
+                      .to(planes.device))
+    cols = [*first, views[1], depths[1], *views, *depths]
     save_image(torch.cat([torch.cat(cols, -1)[b] for b in range(B)], -2), path)
 
 
@@ -568,18 +576,29 @@ def get_args(argv=None):
     a("--disc-ch", type=int, default=None)
     a("--n-scenes", type=int, default=None, help="synthetic scenes to make when --data is unset")
     a("--every", type=int, default=None, help="preview PNG and checkpoint every N steps")
-    a("--seed", type=int, default=0)
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast (CUDA)")
-    a("--compile", action="store_true", help="torch.compile the networks (CUDA)")
-    a("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    args = p.parse_args(argv)
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    add_runtime_args(p, "the networks")
+    args = apply_preset(p.parse_args(argv), PRESETS)
     args.out = args.out or f"runs/ae-{args.preset}"
     if args.adv_start is None:
         args.adv_start = args.steps // 3
+    return args
+
+
+def add_runtime_args(p, what):
+    """Flags every training script shares: seed, device, precision, compilation, threads."""
+    a = p.add_argument
+    a("--seed", type=int, default=0)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast (CUDA)")
+    a("--compile", action="store_true", help=f"torch.compile {what} (CUDA)")
+    a("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+
+
+def apply_preset(args, presets):
+    """Fill every flag left at None with the chosen preset's value."""
+    for k, v in presets[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     return args
 
 
@@ -692,6 +711,19 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+def resume_from(path, kind, config, **objects):
+    """Exact resume: restore each object (model, optimiser, ...) from the entry of the same name,
+    and this process's RNG state, so the run continues as if never stopped. Returns the step."""
+    ckpt = load_checkpoint(path, kind, f"a {kind} checkpoint to resume")
+    if ckpt["config"] != config:
+        raise UserError(f"{path}: was trained with another model configuration (or data); "
+                        f"use the same flags, or another --out")
+    for name, obj in objects.items():
+        obj.load_state_dict(ckpt[name])
+    set_rng_state(ckpt["rng"][rank()] if rank() < len(ckpt["rng"]) else ckpt["rng"][0])
+    return ckpt["step"]
+
+
 def rng_state():
     s = dict(torch=torch.get_rng_state())
     if torch.cuda.is_available():
@@ -753,21 +785,13 @@ def train(args):
     torch.manual_seed(args.seed + rank())             # but each rank its own poses and noise
     step = 0
     if args.resume:
-        ckpt = load_checkpoint(ckpt_path, CKPT_KIND, "an autoencoder checkpoint to resume")
-        if ckpt["config"] != config:
-            raise UserError(f"{ckpt_path}: was trained with another model configuration; "
-                            f"use the same flags (or another --out)")
-        model.load_state_dict(ckpt["model"])
-        disc.load_state_dict(ckpt["disc"])
-        opt.load_state_dict(ckpt["opt"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        step = ckpt["step"]
-        set_rng_state(ckpt["rng"][rank()] if rank() < len(ckpt["rng"]) else ckpt["rng"][0])
+        step = resume_from(ckpt_path, CKPT_KIND, config, model=model, disc=disc, opt=opt,
+                           opt_d=opt_d)
     if args.compile:
         if device.type == "cuda":
-            model.encoder = torch.compile(model.encoder)
-            model.decoder = torch.compile(model.decoder)
-            model.upsampler = torch.compile(model.upsampler)
+            model.encoder.compile()               # in place: state_dict keys unchanged
+            model.decoder.compile()
+            model.upsampler.compile()
             model.compile = True                      # the renderer's per-sample hot path
         elif is_main():
             print("note: --compile is for CUDA; running eagerly on the CPU")
@@ -884,6 +908,8 @@ def gather_rng():
 def main(argv=None):
     args = get_args(argv)
     if args.eval:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         model = load(args.eval)
         root = args.data or os.path.join("data", f"scenes-{max(model.config['res'], 64)}")
         out = os.path.join(os.path.dirname(args.eval), "eval_views.png")
