@@ -398,9 +398,15 @@ def forward_warp(image, depth, cam2world, fov_deg, radius):
     for b in range(B):
         idx = (py[b] * W + px[b])[ok[b]]
         zb, cols = zc[b][ok[b]], image[b].flatten(1)[:, ok[b]]
-        order = torch.argsort(zb, descending=True)                           # far first...
+        # z-buffer without write races: sort by depth (near first), then stably by target
+        # pixel, and keep the first source per target -- the nearest, the same on any CPU/GPU.
+        near = torch.argsort(zb)
+        by_pixel = near[torch.argsort(idx[near], stable=True)]
+        first = torch.ones_like(by_pixel, dtype=torch.bool)
+        first[1:] = idx[by_pixel][1:] != idx[by_pixel][:-1]
+        win = by_pixel[first]
         flat = out[b].flatten(1)
-        flat[:, idx[order]] = cols[:, order]                                 # ...near wins
+        flat[:, idx[win]] = cols[:, win]
         out[b] = flat.view(3, H, W)
     return out
 

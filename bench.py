@@ -13,6 +13,10 @@ process's peak resident set size on CPU (which includes Python and torch themsel
 Cases:
     render   the volume renderer, forward + backward: batch 2, 64x64 rays, 48 coarse + 48 fine
              samples per ray, triplane 3 x 32 x 128 x 128, field MLP 32 -> 64 -> 1 + 32.
+    sample   DDIM-50 samples per second at batch 4 for a 4x32x32 latent with the base UNet,
+             its parameter count, and a library UNet of the same shape when diffusers is there.
+    ae-step  one autoencoder training step (both players of the GAN), images/s, peak memory.
+    e2e      seconds from a latent to a 60-frame turntable (decode + render + upsample).
 """
 import argparse
 import json
@@ -48,6 +52,25 @@ def timed(fn, device, warmup, iters):
     return (time.perf_counter() - t0) / iters
 
 
+def median_interleaved(fns, device, warmup, iters):
+    """Median seconds per call of each function, calling them in turn (A, B, A, B, ...) so that
+    slow drifts of a shared machine's clock hit every contender alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(iters):
+        for fn, ts in zip(fns, times):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            ts.append(time.perf_counter() - t0)
+    return [sorted(ts)[len(ts) // 2] for ts in times]
+
+
 class Field(torch.nn.Module):
     """The bench's field MLP: triplane features -> density, feature vector. Two output heads
     instead of slicing one output: slicing costs a zero-filled full-size gradient per slice."""
@@ -79,7 +102,118 @@ def bench_render(device, args):
                 config=f"B={B} {res}x{res} rays, {S}+{S} samples, planes 3x32x128^2, MLP 64")
 
 
-CASES = dict(render=bench_render)
+def bench_sample(device, args):
+    """DDIM-50 at batch 4 on a 4x32x32 latent with the base preset's UNet (diffusion.py), and
+    the same UNet's forward pass next to a general-purpose library UNet (diffusers'
+    UNet2DModel, when installed) with the same widths, depth and attention resolutions."""
+    import diffusion
+    cfg = diffusion.model_config(diffusion.get_args(["--preset", "base"]), (4, 32, 32), [])
+    model = diffusion.LatentDiffusion(cfg).to(device).eval()
+    if args.compile:
+        model.net.compile()
+    n_par = sum(p.numel() for p in model.parameters())
+    x, t = torch.randn(4, 4, 32, 32, device=device), torch.full((4,), 500, device=device)
+    y = model.null_labels(4, device)
+    with torch.no_grad():
+        diffusion.ddim_sample(model, (4, 4, 32, 32), steps=2)                # warm-up
+        full = timed(lambda: diffusion.ddim_sample(model, (4, 4, 32, 32), steps=50), device, 0,
+                     1 if device.type == "cpu" else args.iters)
+    r = dict(case="sample", unet_params_m=n_par / 1e6, ddim50_s=full, samples_per_s=4 / full,
+             peak_mem_mb=peak_memory_mb(device),
+             config="base UNet (ch 128, mult 1,2,2, 2 blocks, attn 16,8), batch 4, 4x32x32")
+    ours = lambda: model.net(x, t, y)
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        with torch.no_grad():
+            r["unet_fwd_ms"] = 1e3 * median_interleaved([ours], device, args.warmup, 10)[0]
+        r["library"] = "diffusers not installed (pip install diffusers to compare)"
+        return r
+    lib = UNet2DModel(sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
+                      block_out_channels=(128, 256, 256), attention_head_dim=32,
+                      down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                      up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                      ).to(device).eval()
+    if args.compile:
+        lib.compile()
+    with torch.no_grad():
+        fwd, lib_fwd = median_interleaved([ours, lambda: lib(x, t).sample], device,
+                                          args.warmup, 10)
+    r.update(unet_fwd_ms=1e3 * fwd, library="diffusers UNet2DModel",
+             library_params_m=sum(p.numel() for p in lib.parameters()) / 1e6,
+             library_fwd_ms=1e3 * lib_fwd)
+    return r
+
+
+def bench_e2e(device, args):
+    """Seconds from a latent to a 60-frame turntable (decode, render 60 views, upsample) with a
+    freshly initialised autoencoder of the `--ae-preset` size."""
+    import autoencoder as ae
+    import sample
+    a = ae.get_args(["--preset", args.ae_preset])
+    a.fov_deg, a.radius = 40.0, 2.7
+    model = ae.AutoEncoder(ae.model_config(a)).to(device).eval()
+    model.compile = args.compile
+    z = torch.randn(1, a.z_ch, a.z_res, a.z_res, device=device)
+    cams = sample.turntable_cameras(60, 25.0, 5.0, a.radius)
+
+    def run(frames):
+        with torch.no_grad():
+            sample.render_frames(model, model.decode(z), cams[:frames])
+    run(2)                                                                   # warm-up
+    sec = timed(lambda: run(60), device, 0, 1 if device.type == "cpu" else args.iters)
+    return dict(case="e2e", seconds=sec, frames_per_s=60 / sec, peak_mem_mb=peak_memory_mb(device),
+                config=f"{args.ae_preset} autoencoder ({a.res} px, render {a.render_res} px, "
+                       f"{a.n_coarse}+{a.n_fine} samples), 60 frames in chunks of 16")
+
+
+def bench_ae_step(device, args):
+    """One autoencoder training step at the `--ae-preset` size: encode, decode, render P0 and a
+    novel view, L1 + depth + generator loss, discriminator step; images/s and peak memory."""
+    import autoencoder as ae
+    a = ae.get_args(["--preset", args.ae_preset])
+    a.fov_deg, a.radius = 40.0, 2.7
+    model = ae.AutoEncoder(ae.model_config(a)).to(device)
+    disc = ae.Discriminator(a.res, a.disc_ch).to(device)
+    if args.compile:
+        for m in (model.encoder, model.decoder, model.upsampler):
+            m.compile()
+        model.compile = True
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.0, 0.99))
+    B = args.batch or a.batch
+    image = torch.rand(B, 3, a.res, a.res, device=device) * 2 - 1
+    depth = 2 + torch.rand(B, 1, a.res, a.res, device=device)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.amp == "bf16")
+
+    def step():
+        with autocast:
+            mean, logvar = model.posterior(image, depth)
+            planes = model.decode(mean + (0.5 * logvar).exp() * torch.randn_like(mean))
+            rec = model.render(planes, model.P0(B).to(device), perturb=True)
+            nov = model.render(planes, ae.random_cameras(B, 30, 15, a.radius).to(device))
+            nov_depth = torch.nn.functional.interpolate(nov["depth"], size=a.res)
+            loss = ((rec["image"] - image).abs().mean() + ae.depth_loss(rec["depth"].float(), depth)
+                    + 0.05 * torch.nn.functional.softplus(-disc(nov["image"], nov_depth)).mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with autocast:
+            loss_d, _ = ae.d_loss_fn(disc, image, depth, nov["image"].detach(),
+                                     nov_depth.detach(), 1.0)
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+    sec = timed(step, device, args.warmup, args.iters)
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    return dict(case="ae-step", ms_per_iter=1e3 * sec, images_per_s=B / sec,
+                peak_mem_mb=peak_memory_mb(device), params_m=n, amp=args.amp,
+                config=f"{args.ae_preset} preset: batch {B}, {a.res} px, render {a.render_res} px, "
+                       f"{a.n_coarse}+{a.n_fine} samples, with novel view + discriminator step")
+
+
+CASES = {"render": bench_render, "ae-step": bench_ae_step, "sample": bench_sample,
+         "e2e": bench_e2e}
 
 
 def main():
@@ -91,6 +225,12 @@ def main():
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--ae-preset", default="base", choices=["base", "tiny"],
+                   help="autoencoder size for the ae-step and e2e cases")
+    p.add_argument("--batch", type=int, default=0,
+                   help="ae-step batch (0: the preset's; the base preset's 16 needs > 23 GB on CPU)")
+    p.add_argument("--amp", default="none", choices=["none", "bf16"],
+                   help="bf16 autocast in ae-step (CUDA)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

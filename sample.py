@@ -300,11 +300,10 @@ def point_cloud(ae_model, planes, yaws=(-20.0, 0.0, 20.0), min_opacity=0.5):
 
     A pixel's ray has unit direction d; z-depth D is the distance along the optical axis f, so
     the point is o + d * D / (d . f). Only pixels whose ray is mostly absorbed (opacity above
-    min_opacity) and that lie in the bounded part of the scene (not the contracted far field)
-    are kept. Returns points (P, 3), colours uint8 (P, 3).
+    min_opacity) and closer than twice the camera distance (the far field is contracted and its
+    depths are not metric) are kept. Returns points (P, 3), colours uint8 (P, 3).
     """
     c = ae_model.config
-    near, mid, _ = render.default_bounds(c["radius"])
     cams = render.orbit_camera(torch.tensor(yaws), torch.zeros(len(yaws)), c["radius"])
     out = ae_model.render(planes.expand(len(yaws), -1, -1, -1, -1), cams.to(planes.device))
     low = out["depth"].shape[-1]
@@ -313,7 +312,7 @@ def point_cloud(ae_model, planes, yaws=(-20.0, 0.0, 20.0), min_opacity=0.5):
     forward = cams[:, None, :3, 2].to(planes.device)                           # (V, 1, 3)
     depth = out["depth"].flatten(1)                                            # (V, hw)
     pts = origins + dirs * (depth / (dirs * forward).sum(-1))[..., None]       # (V, hw, 3)
-    keep = (out["opacity"].flatten(1) > min_opacity) & (depth < mid)
+    keep = (out["opacity"].flatten(1) > min_opacity) & (depth < 2 * c["radius"])
     rgb = to_uint8(colour).reshape(len(yaws), -1, 3)
     return pts[keep].cpu().numpy(), rgb[keep.cpu().numpy()]
 

@@ -265,3 +265,25 @@ def test_bad_inputs_are_one_clear_error(ae_ckpt, tmp_path):
                         "--out", str(tmp_path / "w")], capture_output=True, text=True)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert p.stderr.strip().count("\n") == 0 and "expected an autoencoder" in p.stderr
+
+
+def _ddp_worker(rank, world, port, ae_path, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    run = D.train(ldm_args(ae_path, out, "--steps", "3", "--every", "3", "--device", "cpu"))
+    torch.save(run["model"].state_dict(), os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_ddp_two_processes_keep_identical_weights(ae_ckpt, tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, ae_ckpt, str(tmp_path)), nprocs=2, join=True)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert os.path.isfile(tmp_path / "ckpt.pt") and os.path.isfile(tmp_path / "latents.pt")
+    assert not torch.equal(a["net.conv_out.weight"], torch.zeros_like(a["net.conv_out.weight"]))
