@@ -270,6 +270,7 @@ def load(path, device="cpu"):
     ckpt = load_checkpoint(path, CKPT_KIND, "an autoencoder checkpoint (runs/ae/ckpt.pt)")
     model = AutoEncoder(ckpt["config"])
     model.load_state_dict(ckpt["model"])
+    model.trained_on = ckpt.get("data")              # the image folder it was trained on
     return model.to(device).eval()
 
 

@@ -360,14 +360,21 @@ def metrics(ae_model, planes, args):
                        for i in range(len(planes))])
     print(f"NFS (64 bins, depth in [{near:.2f}, {2 * c['radius']:.2f}]): "
           f"{nfs(depth, near, 2 * c['radius']):.2f}  over {len(planes)} samples")
+    real = args.real or getattr(ae_model, "trained_on", None)
+    if real and os.path.isdir(os.path.join(real, "depth")):
+        # The same score on the data's own depth maps, at the rendered depth's resolution:
+        # what a model that got the geometry exactly right would score.
+        ds = data_mod.ImageFolder(real, depth.shape[-1], depth=True, verbose=False)
+        ref = torch.stack([ds[i]["depth"] for i in range(min(len(ds), len(planes)))])
+        print(f"NFS of the data's depth maps ({real}, {len(ref)} images): "
+              f"{nfs(ref, near, 2 * c['radius']):.2f}")
     try:
         import torch_fidelity
     except ImportError:
         print("FID/KID: skipped; `pip install torch-fidelity` and pass --real IMAGES_DIR to "
               "score rendered novel views against real images")
         return
-    real = args.real
-    if not real:
+    if not args.real:
         raise UserError("--metrics with torch-fidelity needs --real IMAGES_DIR to compare with")
     fake_dir = os.path.join(args.out, "fid_views")
     os.makedirs(fake_dir, exist_ok=True)
@@ -378,11 +385,11 @@ def metrics(ae_model, planes, args):
         im, _ = render_frames(ae_model, planes[i:i + 1], render.orbit_camera(yaw, pitch,
                                                                              c["radius"]))
         ae.save_image(im, os.path.join(fake_dir, f"{i:05d}.png"))
-    r = torch_fidelity.calculate_metrics(input1=fake_dir, input2=real, fid=True, kid=True,
+    r = torch_fidelity.calculate_metrics(input1=fake_dir, input2=args.real, fid=True, kid=True,
                                          kid_subset_size=min(1000, len(planes)), verbose=False)
     print(f"FID {r['frechet_inception_distance']:.2f}, KID "
           f"{r['kernel_inception_distance_mean'] * 1000:.2f} x 1e-3 ({len(planes)} novel views "
-          f"vs {real})")
+          f"vs {args.real})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,7 +418,7 @@ def demo(args):
     out = generate(ae_model, ldm, args, device)
     args.interp_seeds = [args.seed + 1, args.seed + 2]
     gif = interpolate(ae_model, ldm, args, device)
-    root = ae.load_checkpoint(ae_path, ae.CKPT_KIND, "an autoencoder checkpoint")["data"]
+    root = ae_model.trained_on
     photo = sorted(f for f in os.listdir(os.path.join(root, "_heldout")) if f.endswith(".png"))[0]
     args.image = args.resample = os.path.join(root, "_heldout", photo)
     nv = novel_views(ae_model, args, device)
