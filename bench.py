@@ -228,7 +228,7 @@ def main():
     p.add_argument("--ae-preset", default="base", choices=["base", "tiny"],
                    help="autoencoder size for the ae-step and e2e cases")
     p.add_argument("--batch", type=int, default=0,
-                   help="ae-step batch (0: the preset's; the base preset's 16 needs > 23 GB on CPU)")
+                   help="ae-step batch (0: the preset's; base's 16 needs > 23 GB on a CPU)")
     p.add_argument("--amp", default="none", choices=["none", "bf16"],
                    help="bf16 autocast in ae-step (CUDA)")
     args = p.parse_args()

@@ -652,17 +652,15 @@ def train(args):
     if not args.ae:
         raise UserError("--ae is required: the autoencoder checkpoint of stage 1 "
                         "(python autoencoder.py --preset tiny makes runs/ae-tiny/ckpt.pt)")
-    ae_ckpt = ae.load_checkpoint(args.ae, ae.CKPT_KIND,
-                                 "an autoencoder checkpoint for --ae (runs/ae/ckpt.pt)")
-    ae_model = ae.AutoEncoder(ae_ckpt["config"])
-    ae_model.load_state_dict(ae_ckpt["model"])
-    ae_model = ae_model.to(device).eval().requires_grad_(False)
-    root = args.data or ae_ckpt.get("data")
+    # Stage 1 is frozen: it only encodes the data here and decodes the sample grids.
+    ae_model = ae.load(args.ae, device).requires_grad_(False)
+    root = args.data or ae_model.trained_on
     if not root or not os.path.isdir(root):
         raise UserError(f"the autoencoder's data folder {root!r} is gone; give --data")
     os.makedirs(args.out, exist_ok=True)
     cache = latent_cache(args.ae, ae_model, root, args.out, device, flip=not args.no_flip)
     z_all = cache["z"]                                                       # (N, C, h, w)
+    # Class-conditional when the folder has class sub-folders (and --uncond is not given).
     classes = [] if args.uncond else cache["classes"]
     labels_all = cache["labels"] if classes else None
 
@@ -673,8 +671,11 @@ def train(args):
     # The latent scale (and shift), measured once from the data, stored in the checkpoint.
     model.latent_mean.copy_(z_all.mean((0, 2, 3)))
     model.latent_std.copy_(z_all.std((0, 2, 3)).clamp_min(1e-6))
+    # The EMA copy is what samples (DDPM, Sec. 4; every diffusion model since): averaging the
+    # weights over the last ~1/(1 - decay) steps smooths out the noise of SGD on a noisy loss.
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    # Same initial weights on every rank (seeded above), but each rank its own t and noise.
     torch.manual_seed(args.seed + rank())
     ckpt_path, step = os.path.join(args.out, "ckpt.pt"), 0
     if args.resume:
@@ -684,6 +685,7 @@ def train(args):
             model.net.compile()                     # in place: state_dict keys unchanged
         elif is_main():
             print("note: --compile is for CUDA; running eagerly on the CPU")
+    # All latents live on the device at once: 20k images + mirrors = 40k x 4x32x32 = 655 MB fp32.
     x_all = model.normalize(z_all.to(device))                                # (N, C, h, w)
     y_all = labels_all.to(device) if labels_all is not None else None
     if is_main():
@@ -699,14 +701,17 @@ def train(args):
     bar = tqdm(total=args.steps, initial=step, disable=not is_main(), dynamic_ncols=True)
     history, t_last = [], time.time()
     while step < args.steps:
+        # This rank's slice of the global batch, a pure function of the step (exact resume).
         idx = torch.tensor(ae.batch_indices(step, len(x_all), args.batch, args.seed),
                            device=device)
         model.train()
         with autocast:
+            # t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps,
+            # loss = |net(x_t, t, y) - target|^2 with target eps or v (LatentDiffusion.loss).
             loss = model.loss(x_all[idx], None if y_all is None else y_all[idx], args.p_uncond)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        ae.all_reduce_grads(params)
+        ae.all_reduce_grads(params)                   # average the ranks' gradients (DDP)
         gnorm = nn.utils.clip_grad_norm_(params, args.grad_clip) if args.grad_clip > 0 else None
         opt.step()
         # EMA with a warm-up (decay grows from 0.1 towards args.ema): early EMA weights are
@@ -723,6 +728,7 @@ def train(args):
             t_last = now
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()}, refresh=False)
             bar.update(1)
+        # --- sample grid + checkpoint (rank 0 writes; every rank hands over its RNG state) ---
         if step % args.every == 0 or step == args.steps:
             rngs = ae.gather_rng()                       # every rank joins the collective
             if is_main():

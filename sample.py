@@ -111,13 +111,13 @@ def turntable_cameras(frames, yaw, pitch, radius):
 
 @torch.no_grad()
 def render_frames(ae_model, planes, cams, chunk=16):
-    """One scene's planes (1, 3, C, R, R) from many cameras (F, 4, 4) -> image (F, 3, H, W),
-    depth (F, 1, h, w), rendered `chunk` cameras at a time (memory stays flat in F)."""
+    """Render scene i from camera i: planes (N, 3, C, R, R), or (1, ...) for one scene seen from
+    every camera; cams (N, 4, 4). -> image (N, 3, H, W) in [-1, 1], depth (N, 1, h, w), on the
+    CPU. `chunk` views at a time, so memory stays flat however many frames a video has."""
     images, depths = [], []
-    dev = planes.device
+    planes = planes.expand(len(cams), -1, -1, -1, -1)        # a view, not a copy, when N = 1
     for lo in range(0, len(cams), chunk):
-        c = cams[lo:lo + chunk].to(dev)
-        out = ae_model.render(planes.expand(len(c), -1, -1, -1, -1), c)
+        out = ae_model.render(planes[lo:lo + chunk], cams[lo:lo + chunk].to(planes.device))
         images.append(out["image"].clamp(-1, 1).cpu())
         depths.append(out["depth"].cpu())
     return torch.cat(images), torch.cat(depths)
@@ -193,8 +193,7 @@ def generate(ae_model, ldm, args, device):
     planes = ae_model.decode(z)                                          # (n, 3, C, R, R)
     radius = ae_model.config["radius"]
     written = []
-    p0 = torch.cat([render_frames(ae_model, planes[i:i + 1], ae_model.P0(1))[0]
-                    for i in range(args.n)])
+    p0, _ = render_frames(ae_model, planes, ae_model.P0(args.n))         # (n, 3, H, W)
     written.append(save_grid(p0, os.path.join(args.out, "grid.png"),
                              math.ceil(math.sqrt(args.n))))
     yaws = torch.linspace(-args.yaw, args.yaw, 5)
@@ -257,13 +256,9 @@ def interpolate(ae_model, ldm, args, device):
     z = torch.cat([diffusion.ddim_sample(ldm, None, args.steps, noise=noise[lo:lo + 16])
                    for lo in range(0, args.frames, 16)])
     cams = turntable_cameras(args.frames, args.yaw, args.pitch, ae_model.config["radius"])
-    images, depths = [], []
-    for i in range(args.frames):                           # frame i: latent i from camera i
-        im, d = render_frames(ae_model, ae_model.decode(z[i:i + 1]), cams[i:i + 1])
-        images.append(im)
-        depths.append(d)
-    path = save_gif(side_by_side(torch.cat(images), torch.cat(depths)),
-                    os.path.join(args.out, "interpolation.gif"), args.fps)
+    images, depths = render_frames(ae_model, ae_model.decode(z), cams)    # frame i: latent i
+    path = save_gif(side_by_side(images, depths), os.path.join(args.out, "interpolation.gif"),
+                    args.fps)
     print(f"wrote {path} ({args.frames} frames)")
     return path
 
@@ -356,8 +351,7 @@ def metrics(ae_model, planes, args):
     installed (against --real, default the autoencoder's training folder)."""
     c = ae_model.config
     near, mid, _ = render.default_bounds(c["radius"])
-    depth = torch.cat([render_frames(ae_model, planes[i:i + 1], ae_model.P0(1))[1]
-                       for i in range(len(planes))])
+    _, depth = render_frames(ae_model, planes, ae_model.P0(len(planes)))   # (n, 1, h, w)
     print(f"NFS (64 bins, depth in [{near:.2f}, {2 * c['radius']:.2f}]): "
           f"{nfs(depth, near, 2 * c['radius']):.2f}  over {len(planes)} samples")
     real = args.real or getattr(ae_model, "trained_on", None)
@@ -378,12 +372,10 @@ def metrics(ae_model, planes, args):
         raise UserError("--metrics with torch-fidelity needs --real IMAGES_DIR to compare with")
     fake_dir = os.path.join(args.out, "fid_views")
     os.makedirs(fake_dir, exist_ok=True)
-    g = torch.Generator().manual_seed(args.seed)
-    for i in range(len(planes)):                          # one random novel view per sample
-        yaw = (torch.rand(1, generator=g) * 2 - 1) * args.yaw
-        pitch = (torch.rand(1, generator=g) * 2 - 1) * args.pitch
-        im, _ = render_frames(ae_model, planes[i:i + 1], render.orbit_camera(yaw, pitch,
-                                                                             c["radius"]))
+    torch.manual_seed(args.seed)                          # one random novel view per sample
+    views, _ = render_frames(ae_model, planes, ae.random_cameras(len(planes), args.yaw,
+                                                                 args.pitch, c["radius"]))
+    for i, im in enumerate(views):
         ae.save_image(im, os.path.join(fake_dir, f"{i:05d}.png"))
     r = torch_fidelity.calculate_metrics(input1=fake_dir, input2=args.real, fid=True, kid=True,
                                          kid_subset_size=min(1000, len(planes)), verbose=False)
