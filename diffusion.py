@@ -252,7 +252,7 @@ class LatentDiffusion(nn.Module):
     what the UNet predicts (config["pred"]: eps or v), and the latents' per-channel mean and std.
 
     The diffusion runs on normalised latents (z - mean) / std: the schedule assumes data of
-    roughly unit variance, and an autoencoder's raw z can be far from that (LDM Sec. 3/G).
+    roughly unit variance, and an autoencoder's raw z can be far from that (LDM, Rombach 2022).
     """
 
     def __init__(self, config):
@@ -433,9 +433,10 @@ def ddim_invert(model, z, steps=50, labels=None, cfg=1.0, progress=False):
 
 @torch.no_grad()
 def resample(model, z, strength, steps=50, eta=0.0, labels=None, cfg=1.0, generator=None):
-    """Generative resampling (SDEdit, Meng et al. 2022; paper Sec. 4.3): noise z part of the way,
-    to step t = strength * (T-1), with the forward process, then denoise with DDIM from there.
-    strength 0 returns z; strength 1 forgets it entirely. Higher strength strays further."""
+    """Generative resampling, one of the paper's applications (as SDEdit, Meng et al. 2022):
+    noise z part of the way, to step t = strength * (T-1), with the forward process, then
+    denoise with DDIM from there. strength 0 returns z; strength 1 forgets it entirely. Higher
+    strength strays further from the input."""
     if not 0.0 <= strength <= 1.0:
         raise UserError(f"--strength {strength}: must be in [0, 1]")
     model.check_labels(labels, cfg)
@@ -671,7 +672,7 @@ def train(args):
     # The latent scale (and shift), measured once from the data, stored in the checkpoint.
     model.latent_mean.copy_(z_all.mean((0, 2, 3)))
     model.latent_std.copy_(z_all.std((0, 2, 3)).clamp_min(1e-6))
-    # The EMA copy is what samples (DDPM, Sec. 4; every diffusion model since): averaging the
+    # The EMA copy is what samples (DDPM, App. B; every diffusion model since): averaging the
     # weights over the last ~1/(1 - decay) steps smooths out the noise of SGD on a noisy loss.
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)

@@ -243,6 +243,10 @@ def interpolate(ae_model, ldm, args, device):
     noise otherwise), slerp between the two noises, DDIM back to latents, decode; the camera
     moves along the turntable path meanwhile. One GIF."""
     shape = tuple(ldm.config["latent_shape"])
+    # Why not interpolate the latents z directly? A straight line between two latents passes
+    # through latents no image ever had (blurry averages of the two scenes). The DDIM noise space
+    # is a plain Gaussian, where every point in between is a likely starting point, so each
+    # in-between noise denoises to a plausible scene of its own.
     if args.interp:
         ends = []
         for path in args.interp:
@@ -251,8 +255,9 @@ def interpolate(ae_model, ldm, args, device):
     else:
         ends = [torch.randn((1, *shape), generator=torch.Generator().manual_seed(s)).to(device)
                 for s in args.interp_seeds]
-    w = torch.linspace(0, 1, args.frames)
+    w = torch.linspace(0, 1, args.frames)                     # interpolation weight per frame
     noise = torch.cat([diffusion.slerp(ends[0], ends[1], float(x)) for x in w])  # (F, C, h, w)
+    # eta = 0: deterministic, so neighbouring noises give neighbouring scenes (a smooth video).
     z = torch.cat([diffusion.ddim_sample(ldm, None, args.steps, noise=noise[lo:lo + 16])
                    for lo in range(0, args.frames, 16)])
     cams = turntable_cameras(args.frames, args.yaw, args.pitch, ae_model.config["radius"])
@@ -267,8 +272,11 @@ def interpolate(ae_model, ldm, args, device):
 def resample_photo(ae_model, ldm, args, device):
     """Generative resampling: one row per strength: input | reconstruction | variants."""
     image, depth = load_photo(args.resample, ae_model, device)
-    z = ae_model.encode(image, depth)
-    strengths = [float(s) for s in str(args.strength).split(",")]
+    z = ae_model.encode(image, depth)                                      # (1, C, h, w)
+    try:
+        strengths = [float(s) for s in str(args.strength).split(",")]
+    except ValueError:
+        raise UserError(f"--strength {args.strength!r}: expected numbers in [0, 1], e.g. 0.3,0.6")
     n = args.n or 6
     g = torch.Generator(device=device).manual_seed(args.seed)
     rows = []
