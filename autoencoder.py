@@ -303,6 +303,8 @@ class Discriminator(nn.Module):
     def __init__(self, res, ch=32, max_ch=256):
         super().__init__()
         layers, c = [nn.Conv2d(4, ch, 3, padding=1)], ch
+        # Each stage: a 3x3 conv, then a strided 4x4 conv that halves the resolution and (up to
+        # max_ch) doubles the width, until 4x4 is left; a linear layer then gives one logit.
         while res > 4:
             c_next = min(c * 2, max_ch)
             layers += [nn.LeakyReLU(0.2), nn.Conv2d(c, c_next, 3, padding=1), nn.LeakyReLU(0.2),
@@ -347,8 +349,10 @@ def depth_loss(rendered, mono):
     the target) means a flat prediction cannot score zero: it fits only the mean.
     rendered (B, 1, h, w) z-depth, mono (B, 1, H, W) depth -> scalar.
     """
+    # Nearest, as in data.py: averaging would invent depths across occlusion edges.
     mono = F.interpolate(mono, size=rendered.shape[-2:], mode="nearest")
     target = normalize_depth(mono).flatten(1)                               # (B, N)
+    # Rendered z-depth -> disparity (clamped: a ray that hits nothing near can report ~0).
     pred = 1.0 / rendered.clamp_min(1e-2).flatten(1)
     s, b = align_scale_shift(pred, target)
     return (s * pred + b - target).abs().mean()
@@ -832,11 +836,17 @@ def train(args):
         # --- autoencoder step ---
         model.train()
         with autocast:
+            # 1. Encode: q(z | x) = N(mean, exp(logvar)); z = mean + std * noise (the
+            #    reparameterisation trick) so the gradient reaches the encoder through z.
             mean, logvar = model.posterior(image, depth)
             z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)         # reparameterise
+            # 2. Decode into a triplane and render it from P0, the input camera: in view space
+            #    every photo was taken from the same pose, so no camera is ever estimated.
             planes = model.decode(z)
             rec = model.render(planes, model.P0(B).to(device), perturb=True)
             loss_rgb = (rec["image"] - image).abs().mean()
+            # The raw low-res RGB is the exactly 3D-consistent image: supervise it as well,
+            # against the photo area-averaged down to its size.
             low = F.interpolate(image, size=rec["raw"].shape[-2:], mode="area")
             loss_raw = (rec["raw"] - low).abs().mean()
             loss_kl = kl_loss(mean.float(), logvar.float())
@@ -850,6 +860,8 @@ def train(args):
                 loss_depth = depth_loss(rec["depth"].float(), depth)
                 loss = loss + args.depth_weight * loss_depth
                 logs["depth"] = loss_depth.item()
+            # 3. Novel views around P0: no photo exists there, so only the discriminator can
+            #    say whether the scene looks right (colour and depth) from the side.
             if adv_on:
                 cams = random_cameras(B, args.yaw_range, args.pitch_range, args.radius)
                 nov = model.render(planes, cams.to(device), perturb=True)
@@ -865,6 +877,8 @@ def train(args):
         opt.step()
 
         # --- discriminator step ---
+        # 4. The discriminator learns (photo, its monocular depth) = real and (novel view, its
+        #    rendered depth) = fake; the autoencoder's step above tried to fool it.
         if adv_on:
             with autocast:
                 loss_d, r1 = d_loss_fn(disc, image, depth, nov["image"], nov_depth, args.r1_gamma)

@@ -226,6 +226,7 @@ class ImageFolder(torch.utils.data.Dataset):
                 d = load_depth(depth_files[i], res, size)   # bad depth: UserError, stops
             return rgb, d, small, None
 
+        # Collect in file order; an unreadable file is skipped, named and counted, never silent.
         images, depths, labels_, bad, n_small = [], [], [], [], 0
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             results = pool.map(work, range(len(files)))
@@ -237,7 +238,7 @@ class ImageFolder(torch.utils.data.Dataset):
                     bad.append(files[i])
                     continue
                 n_small += small
-                images.append(torch.from_numpy(rgb.copy()).permute(2, 0, 1))     # (3, res, res) uint8
+                images.append(torch.from_numpy(rgb).permute(2, 0, 1))   # (3, res, res) uint8
                 if d is not None:
                     depths.append(torch.from_numpy(d)[None])                # (1, res, res)
                 labels_.append(self.classes.index(files[i].split(os.sep)[0])
@@ -250,7 +251,8 @@ class ImageFolder(torch.utils.data.Dataset):
         if n_small:
             warnings.warn(f"{root}: {n_small} image(s) are smaller than {res}x{res} after "
                           f"cropping and were upsampled (they will look blurry)")
-        self.files = [f for f in files if f not in set(bad)]
+        bad = set(bad)
+        self.files = [f for f in files if f not in bad]
         self.images = torch.stack(images)                                   # (N, 3, res, res)
         self.depths = torch.stack(depths) if depths else None               # (N, 1, res, res)
         self.labels = torch.tensor(labels_, dtype=torch.long)               # (N,)

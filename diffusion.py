@@ -205,6 +205,8 @@ class UNet(nn.Module):
         self.label = nn.Embedding(num_classes + 1, emb_dim)
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
 
+        # Down path. `chans` remembers the width of every output kept for a skip connection,
+        # so the up path knows how many channels each concatenation brings back.
         self.down, chans, cur, r = nn.ModuleList(), [ch], ch, res
         for i, m in enumerate(ch_mult):
             for _ in range(num_res):
@@ -217,6 +219,7 @@ class UNet(nn.Module):
                 r //= 2
         self.mid = nn.ModuleList([Block(cur, cur, emb_dim, dropout, True, heads),
                                   Block(cur, cur, emb_dim, dropout, False, heads)])
+        # Up path: the mirror image, each Block first concatenating the matching skip.
         self.up = nn.ModuleList()
         for i, m in reversed(list(enumerate(ch_mult))):
             for _ in range(num_res + 1):                 # one more: it eats the Resample's skip
@@ -307,10 +310,12 @@ class LatentDiffusion(nn.Module):
         guiding eps or v is the same thing.
         """
         B = x_t.shape[0]
+        # No labels: the null class, i.e. the unconditional model p(z).
         y = self.null_labels(B, x_t.device) if labels is None else labels
         if cfg == 1.0:
             out = self.net(x_t, t, y)
         else:
+            # Conditional and unconditional in one batch of 2B: one network call, not two.
             both = self.net(torch.cat([x_t, x_t]), torch.cat([t, t]),
                             torch.cat([y, self.null_labels(B, x_t.device)]))
             cond, uncond = both.chunk(2)

@@ -401,6 +401,7 @@ def demo(args):
     threads = ["--threads", str(args.threads)] if args.threads else []
     ae_dir, ldm_dir = os.path.join("runs", "demo", "ae"), os.path.join("runs", "demo", "ldm")
     ae_path, ldm_path = os.path.join(ae_dir, "ckpt.pt"), os.path.join(ldm_dir, "ckpt.pt")
+    # Each stage resumes from its checkpoint when one exists, so a second --demo only samples.
     print("== stage 1: the 3D-aware autoencoder (python autoencoder.py --preset tiny) ==")
     ae.train(ae.get_args(["--preset", "tiny", "--out", ae_dir, *threads] +
                          (["--resume"] if os.path.isfile(ae_path) else [])))
@@ -416,6 +417,8 @@ def demo(args):
     ae_model, ldm = load_models(ae_path, ldm_path, device)
     args.metrics = True
     out = generate(ae_model, ldm, args, device)
+    # Then every application once: interpolation between two seeds, novel views and
+    # resampling of a held-out photo the autoencoder never trained on.
     args.interp_seeds = [args.seed + 1, args.seed + 2]
     gif = interpolate(ae_model, ldm, args, device)
     root = ae_model.trained_on
