@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = ["--preset", "tiny", "--res", "16", "--render-res", "16", "--z-res", "4", "--enc-ch", "8",
          "--dec-dim", "16", "--dec-depth", "1", "--dec-heads", "2", "--plane-ch", "4",
          "--plane-res", "8", "--hidden", "8", "--feat-ch", "4", "--up-ch", "8", "--n-coarse", "8",
-         "--n-fine", "8", "--disc-ch", "8", "--batch", "2", "--threads", "1"]
+         "--n-fine", "8", "--disc-ch", "8", "--batch", "2", "--threads", "1",
+         "--adv-weight", "0.02"]                       # the GAN path on, as in the paper
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,21 @@ def test_shapes_and_dtypes_of_the_tiny_preset():
     assert base.upsampler.factor == 4 and base.config["plane_res"] == 128
 
 
+def test_centre_plane_layout_fills_the_outer_ring_from_the_border():
+    args = ae.get_args(["--preset", "tiny", "--fov-deg", "40", "--radius", "2.7"])
+    model = ae.AutoEncoder(ae.model_config(args)).eval()
+    planes = model.decode(torch.randn(2, 4, 8, 8))                       # R = 32, centre 8:24
+    assert planes.shape == (2, 3, 16, 32, 32)
+    assert torch.equal(planes[..., :8, 8:24], planes[..., 8:9, 8:24].expand(-1, -1, -1, 8, -1))
+    assert torch.equal(planes[..., 8:24, 24:], planes[..., 8:24, 23:24].expand(-1, -1, -1, -1, 8))
+    assert not torch.equal(planes[..., 8, 8:24], planes[..., 9, 8:24])  # the centre is not
+    # the whole-plane layout decodes every texel from z (no replicated ring)
+    full = ae.get_args(["--preset", "tiny", "--fov-deg", "40", "--radius", "2.7",
+                        "--plane-layout", "full"])
+    planes = ae.AutoEncoder(ae.model_config(full)).decode(torch.randn(1, 4, 8, 8))
+    assert not torch.equal(planes[..., 0, 8:24], planes[..., 1, 8:24])
+
+
 def test_kl_matches_torch_distributions():
     mean, logvar = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
     q = torch.distributions.Normal(mean, (0.5 * logvar).exp())
@@ -58,7 +74,8 @@ def test_kl_matches_torch_distributions():
 
 def test_scale_shift_alignment_is_exact():
     pred = torch.rand(4, 100)
-    s_true, b_true = torch.tensor([[0.5], [2.0], [3.0], [10.0]]), torch.tensor([[1.0], [-2], [0], [5]])
+    s_true = torch.tensor([[0.5], [2.0], [3.0], [10.0]])
+    b_true = torch.tensor([[1.0], [-2], [0], [5]])
     s, b = ae.align_scale_shift(pred, s_true * pred + b_true)
     assert torch.allclose(s, s_true, atol=1e-4) and torch.allclose(b, b_true, atol=1e-4)
     # An inverted map does not fit: s is clamped at 0 and only the mean is matched.
@@ -104,7 +121,7 @@ def test_overfitting_one_batch_lowers_reconstruction(tmp_path):
     root = tmp_path / "two"
     data.make_scenes(str(root), 2, res=16, aa=1, verbose=False)
     args = micro_args(str(root), tmp_path / "run", "--steps", "300", "--adv-weight", "0",
-                      "--every", "1000", "--lr", "3e-3")
+                      "--every", "1000", "--lr", "3e-3", "--plane-res", "16")
     hist = ae.train(args)["history"]
     first = sum(h["rgb"] for h in hist[:5]) / 5
     last = sum(h["rgb"] for h in hist[-10:]) / 10
