@@ -8,7 +8,7 @@ loss) and its monocular depth (depth loss); from random nearby cameras, where no
 it must look real to a discriminator (adversarial loss). Stage 2 (diffusion.py) then learns to
 generate z. No camera poses are ever needed: everything lives in view space (DESIGN.md).
 
-    python autoencoder.py --preset tiny                       # laptop CPU, ~10 min, synthetic
+    python autoencoder.py --preset tiny                       # laptop CPU, ~8 min, synthetic
     python autoencoder.py --data photos/ --out runs/ae        # one GPU, 256 px
     python autoencoder.py --data photos/ --amp bf16 --compile # faster on CUDA
     torchrun --nproc_per_node=4 autoencoder.py --data photos/ # 4 GPUs, data parallel
@@ -551,13 +551,13 @@ PRESETS = {
                  dec_heads=8, plane_ch=32, plane_res=128, hidden=64, feat_ch=32, up_ch=64,
                  n_coarse=48, n_fine=48, batch=16, lr=2e-4, steps=200_000, disc_ch=64,
                  n_scenes=20000, every=1000, adv_weight=0.05),
-    # A laptop CPU in ~10 minutes: 32 px, z 4x8x8, everything small. No adversarial loss: at
+    # A laptop CPU in ~8 minutes (2 cores): 32 px, z 4x8x8, everything small. No adversarial loss: at
     # this budget it cost 2.6 dB of novel-view PSNR and added colour artefacts (README,
     # ablation); --adv-weight 0.02 switches it back on.
     "tiny": dict(res=32, render_res=32, z_res=8, z_ch=4, enc_ch=32, dec_dim=96, dec_depth=2,
                  dec_heads=4, plane_ch=16, plane_res=32, hidden=32, feat_ch=16, up_ch=32,
-                 n_coarse=16, n_fine=16, batch=8, lr=1e-3, steps=1500, disc_ch=16,
-                 n_scenes=1000, every=250, adv_weight=0.0),
+                 n_coarse=16, n_fine=16, batch=8, lr=1e-3, steps=3000, disc_ch=16,
+                 n_scenes=1000, every=500, adv_weight=0.0),
 }
 MODEL_KEYS = ("res", "render_res", "z_res", "z_ch", "enc_ch", "dec_dim", "dec_depth",
               "dec_heads", "plane_ch", "plane_res", "hidden", "feat_ch", "up_ch", "n_coarse",
@@ -600,6 +600,9 @@ def get_args(argv=None):
     a("--batch", type=int, default=None, help="images per step, over all processes")
     a("--lr", type=float, default=None)
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm; 0 disables")
+    a("--lr-decay", default="none", choices=["none", "cosine"],
+      help="cosine: the autoencoder's lr falls to lr/10 at --steps (nanoGPT); none: constant "
+      "(on tiny, cosine did not help: README)")
     a("--disc-ch", type=int, default=None)
     a("--n-scenes", type=int, default=None, help="synthetic scenes to make when --data is unset")
     a("--every", type=int, default=None, help="preview PNG and checkpoint every N steps")
@@ -661,6 +664,20 @@ def model_config(args):
              depth_input=args.depth_input)
     c["plane_layout"] = args.plane_layout             # absent in older checkpoints: "full"
     return c
+
+
+def lr_at(step, args):
+    """The autoencoder's learning rate at STEP: --lr, or with --lr-decay cosine a half cosine
+    from --lr down to --lr / 10 at --steps (nanoGPT's schedule, without warm-up).
+
+    Decaying lets long runs settle instead of jumping around a minimum; on the 1500-step tiny
+    preset it did not help, so it is off by default. A function of the step alone, so --resume
+    continues the same curve (as long as --steps is unchanged).
+    """
+    if args.lr_decay == "none":
+        return args.lr
+    t = min(step / max(args.steps, 1), 1.0)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def default_data(args):
@@ -851,6 +868,8 @@ def train(args):
         depth = torch.stack([it["depth"] for it in items]).to(device) if ds.use_depth else None
         B = image.shape[0]
         adv_on = args.adv_weight > 0 and step >= args.adv_start
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
 
         # --- autoencoder step ---
         model.train()

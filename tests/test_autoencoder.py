@@ -64,6 +64,17 @@ def test_centre_plane_layout_fills_the_outer_ring_from_the_border():
     assert not torch.equal(planes[..., 0, 8:24], planes[..., 1, 8:24])
 
 
+def test_learning_rate_falls_from_lr_to_a_tenth():
+    args = ae.get_args(["--preset", "tiny", "--lr", "1e-3", "--steps", "100",
+                        "--lr-decay", "cosine"])
+    lrs = [ae.lr_at(s, args) for s in range(101)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)
+    assert lrs[50] == pytest.approx(5.5e-4)                  # half-way down the cosine
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    flat = ae.get_args(["--preset", "tiny", "--lr", "1e-3", "--lr-decay", "none"])
+    assert ae.lr_at(1000, flat) == 1e-3
+
+
 def test_kl_matches_torch_distributions():
     mean, logvar = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
     q = torch.distributions.Normal(mean, (0.5 * logvar).exp())
@@ -131,12 +142,25 @@ def test_overfitting_one_batch_lowers_reconstruction(tmp_path):
     assert last_d < first_d / 2.5, (first_d, last_d)          # geometry is learned too
 
 
-def test_resume_is_bit_exact(scenes, tmp_path):
-    common = ["--adv-start", "1", "--every", "2"]
-    straight = ae.train(micro_args(scenes, tmp_path / "a", "--steps", "4", *common))["model"]
-    ae.train(micro_args(scenes, tmp_path / "b", "--steps", "2", *common))
-    resumed = ae.train(micro_args(scenes, tmp_path / "b", "--steps", "4", "--resume",
-                                  *common))["model"]
+class Crash(Exception):
+    pass
+
+
+def test_resume_is_bit_exact(scenes, tmp_path, monkeypatch):
+    common = ["--steps", "4", "--adv-start", "1", "--every", "2", "--lr-decay", "cosine"]
+    straight = ae.train(micro_args(scenes, tmp_path / "a", *common))["model"]
+    # The same run, killed right after its first checkpoint (step 2), then resumed.
+    save = ae.save_checkpoint
+
+    def save_then_crash(path, state):
+        save(path, state)
+        raise Crash
+
+    monkeypatch.setattr(ae, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        ae.train(micro_args(scenes, tmp_path / "b", *common))
+    monkeypatch.setattr(ae, "save_checkpoint", save)
+    resumed = ae.train(micro_args(scenes, tmp_path / "b", "--resume", *common))["model"]
     for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(p, q), name
     # and load() gives back the same weights in eval mode
