@@ -6,15 +6,16 @@ image into a small latent grid z; the decoder turns z into a triplane, a 3D feat
 volume-rendered. From the input camera P0 the render must reproduce the photo (reconstruction
 loss) and its monocular depth (depth loss); from random nearby cameras, where no photo exists,
 it must look real to a discriminator (adversarial loss). Stage 2 (diffusion.py) then learns to
-generate z. No camera poses are ever needed: everything lives in view space (DESIGN.md).
+generate z. No camera poses are ever needed: everything lives in view space (README,
+Conventions).
 
     python autoencoder.py --preset tiny                       # laptop CPU, ~8 min, synthetic
     python autoencoder.py --data photos/ --out runs/ae        # one GPU, 256 px
-    python autoencoder.py --data photos/ --amp bf16 --compile # faster on CUDA
+    python autoencoder.py --data photos/ --amp bf16 --compile # bf16 + torch.compile, CUDA
     torchrun --nproc_per_node=4 autoencoder.py --data photos/ # 4 GPUs, data parallel
     python autoencoder.py --eval runs/ae/ckpt.pt              # novel-view PSNR vs baselines
 
-With no --data it renders the synthetic scenes of data.py once (cached under data/) and trains on
+With no --data it renders the synthetic scenes of scenes.py once (cached under data/) and trains on
 them, so it runs on a fresh machine with no download.
 
 Map of the file:
@@ -31,7 +32,6 @@ Map of the file:
 import argparse
 import math
 import os
-import sys
 import time
 
 import torch
@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 import data as data_mod
 import render
+import scenes
 from data import UserError
 
 CKPT_KIND = "wildfusion-autoencoder"
@@ -240,7 +241,7 @@ class AutoEncoder(nn.Module):
         return self.encoder(x)
 
     def encode(self, image, depth=None):
-        """The posterior mean: the latent the diffusion model learns (DESIGN.md API)."""
+        """The posterior mean: the latent the diffusion model learns (public API, README)."""
         return self.posterior(image, depth)[0]
 
     def decode(self, z):
@@ -277,7 +278,7 @@ def normalize_depth(depth):
 
 
 def load(path, device="cpu"):
-    """An autoencoder checkpoint -> AutoEncoder in eval mode (DESIGN.md API)."""
+    """An autoencoder checkpoint -> AutoEncoder in eval mode (public API, README)."""
     ckpt = load_checkpoint(path, CKPT_KIND, "an autoencoder checkpoint (runs/ae/ckpt.pt)")
     model = AutoEncoder(ckpt["config"])
     model.load_state_dict(ckpt["model"])
@@ -304,16 +305,18 @@ def load_checkpoint(path, kind, what):
 # 6. Discriminator on (RGB, depth) pairs
 # ---------------------------------------------------------------------------------------------
 class Discriminator(nn.Module):
-    """A ResNet-style image classifier on 4 channels: RGB and standardised inverse depth.
+    """A plain convolutional classifier (strided convolutions, no residual connections) on
+    RGB and standardised inverse depth, or on RGB alone when the data has no depth maps.
 
     Seeing depth with colour, it can reject a novel view whose geometry is implausible even if
     its colours are fine (a flat billboard turned sideways, say), which is what pushes the
     autoencoder towards real 3D shape (paper Sec. 3.1).
     """
 
-    def __init__(self, res, ch=32, max_ch=256):
+    def __init__(self, res, ch=32, max_ch=256, depth=True):
         super().__init__()
-        layers, c = [nn.Conv2d(4, ch, 3, padding=1)], ch
+        self.in_ch = 4 if depth else 3
+        layers, c = [nn.Conv2d(self.in_ch, ch, 3, padding=1)], ch
         # Each stage: a 3x3 conv, then a strided 4x4 conv that halves the resolution and (up to
         # max_ch) doubles the width, until 4x4 is left; a linear layer then gives one logit.
         while res > 4:
@@ -324,8 +327,15 @@ class Discriminator(nn.Module):
         self.body = nn.Sequential(*layers, nn.LeakyReLU(0.2))
         self.head = nn.Linear(c * res * res, 1)
 
-    def forward(self, image, depth):
-        x = torch.cat([image, normalize_depth(depth)], 1)                    # (B, 4, H, W)
+    def inputs(self, image, depth):
+        """What the discriminator sees: (B, 4, H, W) = RGB + standardised inverse depth, or
+        (B, 3, H, W) = RGB when it was built without depth. The R1 penalty differentiates with
+        respect to exactly this tensor, so it covers every input channel."""
+        if self.in_ch == 3:
+            return image
+        return torch.cat([image, normalize_depth(depth)], 1)
+
+    def forward(self, x):
         return self.head(self.body(x).flatten(1)).squeeze(1)                # (B,) logits
 
 
@@ -369,19 +379,25 @@ def depth_loss(rendered, mono):
     return (s * pred + b - target).abs().mean()
 
 
-def d_loss_fn(disc, real_img, real_depth, fake_img, fake_depth, r1_gamma):
+def d_loss_fn(disc, real, fake, r1_gamma):
     """Non-saturating GAN loss for the discriminator, plus the R1 penalty on reals
     (Mescheder et al. 2018): softplus(D(fake)) + softplus(-D(real)) + gamma/2 |grad_x D(real)|^2.
+
+    real, fake: the discriminator's inputs (B, in_ch, H, W) from disc.inputs(), so the gradient
+    in R1 is taken over every channel it sees (colour and depth). The real branch runs in
+    float32 even under bf16 autocast: R1 is a squared gradient whose small values bf16 (8 bits
+    of mantissa) would round to noise. Returns (loss, r1), both float32 scalars.
     """
-    real_img = real_img.detach().requires_grad_(r1_gamma > 0)
-    real_logits = disc(real_img, real_depth)
-    fake_logits = disc(fake_img.detach(), fake_depth.detach())
-    loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
-    r1 = torch.zeros(())
-    if r1_gamma > 0:
-        grad, = torch.autograd.grad(real_logits.sum(), real_img, create_graph=True)
-        r1 = grad.square().flatten(1).sum(1).mean()
-        loss = loss + 0.5 * r1_gamma * r1
+    loss_fake = F.softplus(disc(fake.detach()).float()).mean()
+    with torch.autocast(real.device.type, enabled=False):
+        real = real.detach().float().requires_grad_(r1_gamma > 0)
+        real_logits = disc(real)
+        loss = loss_fake + F.softplus(-real_logits).mean()
+        r1 = torch.zeros((), device=real.device)
+        if r1_gamma > 0:
+            grad, = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+            r1 = grad.square().flatten(1).sum(1).mean()                  # |grad_x D(x)|^2
+            loss = loss + 0.5 * r1_gamma * r1
     return loss, r1
 
 
@@ -436,17 +452,17 @@ def pearson(a, b):
 
 @torch.no_grad()
 def evaluate(model, root, max_scenes=None, yaw_only=20.0, save=None):
-    """Score novel-view synthesis on ROOT/_heldout (made by `data.py scenes --heldout`).
+    """Score novel-view synthesis on ROOT/_heldout (made by `scenes.py --heldout`).
 
     For every held-out scene and view: PSNR of the model's render, of the input copied as is,
     and of the input forward-warped by its depth, against the true render; and the Pearson
     correlation of the model's P0 depth with the true depth. Returns a dict of means, over all
     views and over the views at |yaw| = yaw_only (pitch 0).
     """
-    meta = data_mod.read_scene_meta(root)
+    meta = scenes.read_scene_meta(root)
     held = os.path.join(root, "_heldout")
     if meta is None or not meta.get("heldout"):
-        raise UserError(f"{root}: no held-out views; make them with `python data.py scenes "
+        raise UserError(f"{root}: no held-out views; make them with `python scenes.py "
                         f"{root} --heldout 64` (the training scenes stay the same)")
     c = model.config
     if abs(meta["fov_deg"] - c["fov_deg"]) > 1e-6 or abs(meta["radius"] - c["radius"]) > 1e-6:
@@ -639,7 +655,10 @@ def check_args(args):
         if not ok:
             raise UserError(msg)
     pow2 = lambda x: x > 0 and (x & (x - 1)) == 0
-    need(args.steps > 0 and args.batch > 0, "--steps and --batch must be positive")
+    need(args.steps > 0 and args.batch > 0 and args.every > 0,
+         "--steps, --batch and --every must be positive")
+    need(args.batch % world() == 0,
+         f"--batch {args.batch} must be divisible by the {world()} processes")
     need(args.res % args.z_res == 0 and pow2(args.res // args.z_res),
          f"--res ({args.res}) must be --z-res ({args.z_res}) times a power of two")
     need(args.res % args.render_res == 0 and pow2(args.res // args.render_res),
@@ -671,7 +690,7 @@ def lr_at(step, args):
     """The autoencoder's learning rate at STEP: --lr, or with --lr-decay cosine a half cosine
     from --lr down to --lr / 10 at --steps (nanoGPT's schedule, without warm-up).
 
-    Decaying lets long runs settle instead of jumping around a minimum; on the 1500-step tiny
+    Decaying lets long runs settle instead of jumping around a minimum; in a 1500-step run of the tiny
     preset it did not help, so it is off by default. A function of the step alone, so --resume
     continues the same curve (as long as --steps is unchanged).
     """
@@ -685,12 +704,12 @@ def lr_at(step, args):
 def default_data(args):
     """The synthetic scenes, rendered once at the preset's resolution and reused."""
     root = os.path.join("data", f"scenes-{max(args.res, 64)}")
-    meta = data_mod.read_scene_meta(root)
+    meta = scenes.read_scene_meta(root)
     if meta is None or meta["n"] < args.n_scenes:
         if is_main():
             print(f"no --data given: rendering {args.n_scenes} synthetic scenes into {root} "
                   f"(once; later runs reuse them)")
-            data_mod.make_scenes(root, args.n_scenes, res=max(args.res, 64), heldout=64)
+            scenes.make_scenes(root, args.n_scenes, res=max(args.res, 64), heldout=64)
         barrier()
     return root
 
@@ -768,7 +787,11 @@ def resume_from(path, kind, config, **objects):
         raise UserError(f"{path}: was trained with another model configuration (or data); "
                         f"use the same flags, or another --out")
     for name, obj in objects.items():
-        obj.load_state_dict(ckpt[name])
+        try:
+            obj.load_state_dict(ckpt[name])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise UserError(f"{path}: its {name} does not fit this run ({type(e).__name__}; "
+                            f"e.g. depth maps added or removed since); use another --out")
     set_rng_state(ckpt["rng"][rank()] if rank() < len(ckpt["rng"]) else ckpt["rng"][0])
     return ckpt["step"]
 
@@ -803,42 +826,135 @@ def make_lpips(weight, device):
     return lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
 
 
+def load_data(args):
+    """The training images: --data, or the synthetic scenes. Sets the camera (fov, radius) from
+    the scenes' scenes.json when the flags leave it open. -> (ImageFolder, root)."""
+    root = args.data or default_data(args)
+    meta = scenes.read_scene_meta(root)
+    args.fov_deg = args.fov_deg or (meta["fov_deg"] if meta else 40.0)
+    args.radius = args.radius or (meta["radius"] if meta else 2.7)
+    # Depth maps are needed by the depth loss and the depth input; the discriminator uses them
+    # when they exist (it then judges RGB + depth) and judges RGB alone when they do not.
+    need_depth = args.depth_weight > 0 or args.depth_input
+    without = "--depth-weight 0" + (" and no --depth-input" if args.depth_input else "")
+    ds = data_mod.ImageFolder(root, args.res, depth=True if need_depth else "auto", flip=True,
+                              verbose=is_main(), depth_help=f"or train without depth: {without}")
+    return ds, root
+
+
+def build(args, device, disc_depth=True):
+    """The autoencoder, the discriminator (on RGB + depth, or RGB alone) and their optimisers,
+    freshly initialised from --seed: every rank builds the same weights, and so can a test."""
+    torch.manual_seed(args.seed)
+    model = AutoEncoder(model_config(args)).to(device)
+    disc = Discriminator(args.res, args.disc_ch, depth=disc_depth).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    # Adam with beta1 = 0 for GANs (StyleGAN2): momentum makes the two-player game oscillate.
+    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.0, 0.99))
+    return model, disc, opt, opt_d
+
+
+def get_batch(ds, step, args, device):
+    """This process's slice of the global batch at `step` -> image (B, 3, H, W), depth
+    (B, 1, H, W) or None. The indices are a function of the step alone (exact resume)."""
+    items = [ds[i] for i in batch_indices(step, len(ds), args.batch, args.seed)]
+    image = torch.stack([it["image"] for it in items]).to(device)            # (B, 3, H, W)
+    depth = torch.stack([it["depth"] for it in items]).to(device) if ds.use_depth else None
+    return image, depth
+
+
+def autoencoder_step(model, disc, opt, image, depth, args, adv_on, lpips_fn, autocast):
+    """One optimiser step of the autoencoder (the generator). Returns (logs, novel view) where
+    the novel view is the discriminator's fake input, or None when the adversarial loss is off."""
+    device, B, logs, fake = image.device, image.shape[0], {}, None
+    model.train()
+    with autocast:
+        # 1. Encode: q(z | x) = N(mean, exp(logvar)); z = mean + std * noise (the
+        #    reparameterisation trick) so the gradient reaches the encoder through z.
+        mean, logvar = model.posterior(image, depth)
+        z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)             # (B, Cz, h, w)
+        # 2. Decode into a triplane and render it from P0, the input camera: in view space
+        #    every photo was taken from the same pose, so no camera is ever estimated.
+        planes = model.decode(z)                                             # (B, 3, C, R, R)
+        rec = model.render(planes, model.P0(B).to(device), perturb=True)
+        loss_rgb = (rec["image"] - image).abs().mean()
+        # The raw low-res RGB is the exactly 3D-consistent image: supervise it as well,
+        # against the photo area-averaged down to its size.
+        low = F.interpolate(image, size=rec["raw"].shape[-2:], mode="area")
+        loss_raw = (rec["raw"] - low).abs().mean()
+        loss_kl = kl_loss(mean.float(), logvar.float())
+        loss = loss_rgb + args.raw_weight * loss_raw + args.kl_weight * loss_kl
+        logs.update(rgb=loss_rgb.item(), raw=loss_raw.item(), kl=loss_kl.item())
+        if lpips_fn is not None:
+            loss_lp = lpips_fn(rec["image"], image).mean()
+            loss = loss + args.lpips_weight * loss_lp
+            logs["lpips"] = loss_lp.item()
+        if args.depth_weight > 0:
+            loss_depth = depth_loss(rec["depth"].float(), depth)
+            loss = loss + args.depth_weight * loss_depth
+            logs["depth"] = loss_depth.item()
+        # 3. Novel views around P0: no photo exists there, so only the discriminator can
+        #    say whether the scene looks right (colour and depth) from the side.
+        if adv_on:
+            cams = random_cameras(B, args.yaw_range, args.pitch_range, args.radius)
+            nov = model.render(planes, cams.to(device), perturb=True)
+            nov_depth = F.interpolate(nov["depth"], size=args.res, mode="nearest")
+            fake = disc.inputs(nov["image"], nov_depth)                      # (B, 3|4, H, W)
+            loss_g = F.softplus(-disc(fake)).mean()                          # non-saturating
+            loss = loss + args.adv_weight * loss_g
+            logs["g"] = loss_g.item()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in opt.param_groups for p in group["params"]]
+    all_reduce_grads(params)
+    if args.grad_clip > 0:
+        logs["gnorm"] = nn.utils.clip_grad_norm_(params, args.grad_clip).item()
+    opt.step()
+    return logs, fake
+
+
+def discriminator_step(disc, opt_d, image, depth, fake, args, autocast):
+    """4. One optimiser step of the discriminator: (photo, its monocular depth) is real,
+    (novel view, its rendered depth) is fake; the autoencoder's step above tried to fool it."""
+    with autocast:
+        loss_d, r1 = d_loss_fn(disc, disc.inputs(image, depth), fake, args.r1_gamma)
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    all_reduce_grads(list(disc.parameters()))
+    opt_d.step()
+    return dict(d=loss_d.item(), r1=r1.item())
+
+
+def save_on_main(path, make_state):
+    """Every rank calls this at the same step. Each hands its RNG state to rank 0 (a collective:
+    if one rank skipped it the others would wait forever), and rank 0 writes the checkpoint
+    make_state(rngs) atomically."""
+    rngs = gather_rng()
+    if is_main():
+        save_checkpoint(path, make_state(rngs))
+
+
 def train(args):
     setup_distributed(args)
     check_args(args)
-    torch.manual_seed(args.seed)                      # the same initial weights on every rank
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    # --- data ---
-    root = args.data or default_data(args)
-    meta = data_mod.read_scene_meta(root)
-    args.fov_deg = args.fov_deg or (meta["fov_deg"] if meta else 40.0)
-    args.radius = args.radius or (meta["radius"] if meta else 2.7)
-    need_depth = args.depth_weight > 0 or args.depth_input or args.adv_weight > 0
-    ds = data_mod.ImageFolder(root, args.res, depth=True if need_depth else False, flip=True,
-                              verbose=is_main())
-    if args.batch % world():
-        raise UserError(f"--batch {args.batch} must be divisible by the {world()} processes")
-
-    # --- model, discriminator, optimisers ---
+    # --- data, models, optimisers, resume ---
+    ds, root = load_data(args)
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     config = model_config(args)
-    model = AutoEncoder(config).to(device)
-    disc = Discriminator(args.res, args.disc_ch).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    # Adam with beta1 = 0 for GANs (StyleGAN2): momentum makes the two-player game oscillate.
-    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.0, 0.99))
-    torch.manual_seed(args.seed + rank())             # but each rank its own poses and noise
+    model, disc, opt, opt_d = build(args, device, disc_depth=ds.use_depth)
+    torch.manual_seed(args.seed + rank())             # each rank its own poses and noise
     step = 0
     if args.resume:
         step = resume_from(ckpt_path, CKPT_KIND, config, model=model, disc=disc, opt=opt,
                            opt_d=opt_d)
     if args.compile:
         if device.type == "cuda":
-            model.encoder.compile()               # in place: state_dict keys unchanged
+            model.encoder.compile()                   # in place: state_dict keys unchanged
             model.decoder.compile()
             model.upsampler.compile()
             model.compile = True                      # the renderer's per-sample hot path
@@ -849,12 +965,12 @@ def train(args):
         n_ae = sum(p.numel() for p in model.parameters())
         n_d = sum(p.numel() for p in disc.parameters())
         print(f"data: {root}, {len(ds)} images at {args.res} px, depth maps: {ds.use_depth}")
-        print(f"autoencoder {n_ae / 1e6:.2f} M parameters, discriminator {n_d / 1e6:.2f} M; "
+        print(f"autoencoder {n_ae / 1e6:.2f} M parameters, discriminator {n_d / 1e6:.2f} M "
+              f"(sees {'RGB + depth' if ds.use_depth else 'RGB only'}); "
               f"z = {args.z_ch}x{args.z_res}x{args.z_res}; {world()} process(es) on {device}")
         if args.lpips_weight == 0:
             print("note: LPIPS off (--lpips-weight 0); reconstruction uses L1 only")
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.amp == "bf16")
-    params, params_d = list(model.parameters()), list(disc.parameters())
     ds.flip = False                                   # the preview's images, unflipped and
     fixed = [ds[i] for i in range(min(4, len(ds)))]   # without touching the RNG (exact resume)
     ds.flip = True
@@ -862,93 +978,39 @@ def train(args):
     fixed_depth = torch.stack([f["depth"] for f in fixed]).to(device) if ds.use_depth else None
 
     bar = tqdm(total=args.steps, initial=step, disable=not is_main(), dynamic_ncols=True)
-    t_last, logs, history = time.time(), {}, []
+    t_last, history = time.time(), []
     while step < args.steps:
-        idx = batch_indices(step, len(ds), args.batch, args.seed)
-        items = [ds[i] for i in idx]
-        image = torch.stack([it["image"] for it in items]).to(device)        # (B, 3, H, W)
-        depth = torch.stack([it["depth"] for it in items]).to(device) if ds.use_depth else None
-        B = image.shape[0]
+        # --- data ---
+        image, depth = get_batch(ds, step, args, device)
         adv_on = args.adv_weight > 0 and step >= args.adv_start
         # The schedule is set every step from the step number alone (exact after --resume).
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-
-        # --- autoencoder step ---
-        model.train()
-        with autocast:
-            # 1. Encode: q(z | x) = N(mean, exp(logvar)); z = mean + std * noise (the
-            #    reparameterisation trick) so the gradient reaches the encoder through z.
-            mean, logvar = model.posterior(image, depth)
-            z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)         # reparameterise
-            # 2. Decode into a triplane and render it from P0, the input camera: in view space
-            #    every photo was taken from the same pose, so no camera is ever estimated.
-            planes = model.decode(z)
-            rec = model.render(planes, model.P0(B).to(device), perturb=True)
-            loss_rgb = (rec["image"] - image).abs().mean()
-            # The raw low-res RGB is the exactly 3D-consistent image: supervise it as well,
-            # against the photo area-averaged down to its size.
-            low = F.interpolate(image, size=rec["raw"].shape[-2:], mode="area")
-            loss_raw = (rec["raw"] - low).abs().mean()
-            loss_kl = kl_loss(mean.float(), logvar.float())
-            loss = loss_rgb + args.raw_weight * loss_raw + args.kl_weight * loss_kl
-            logs.update(rgb=loss_rgb.item(), raw=loss_raw.item(), kl=loss_kl.item())
-            if lpips_fn is not None:
-                loss_lp = lpips_fn(rec["image"], image).mean()
-                loss = loss + args.lpips_weight * loss_lp
-                logs["lpips"] = loss_lp.item()
-            if args.depth_weight > 0:
-                loss_depth = depth_loss(rec["depth"].float(), depth)
-                loss = loss + args.depth_weight * loss_depth
-                logs["depth"] = loss_depth.item()
-            # 3. Novel views around P0: no photo exists there, so only the discriminator can
-            #    say whether the scene looks right (colour and depth) from the side.
-            if adv_on:
-                cams = random_cameras(B, args.yaw_range, args.pitch_range, args.radius)
-                nov = model.render(planes, cams.to(device), perturb=True)
-                nov_depth = F.interpolate(nov["depth"], size=args.res, mode="nearest")
-                loss_g = F.softplus(-disc(nov["image"], nov_depth)).mean()
-                loss = loss + args.adv_weight * loss_g
-                logs["g"] = loss_g.item()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        all_reduce_grads(params)
-        if args.grad_clip > 0:
-            logs["gnorm"] = nn.utils.clip_grad_norm_(params, args.grad_clip).item()
-        opt.step()
-
-        # --- discriminator step ---
-        # 4. The discriminator learns (photo, its monocular depth) = real and (novel view, its
-        #    rendered depth) = fake; the autoencoder's step above tried to fool it.
+        # --- autoencoder (generator) step, then discriminator step ---
+        logs, fake = autoencoder_step(model, disc, opt, image, depth, args, adv_on, lpips_fn,
+                                      autocast)
         if adv_on:
-            with autocast:
-                loss_d, r1 = d_loss_fn(disc, image, depth, nov["image"], nov_depth, args.r1_gamma)
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            all_reduce_grads(params_d)
-            opt_d.step()
-            logs.update(d=loss_d.item(), r1=r1.item())
+            logs.update(discriminator_step(disc, opt_d, image, depth, fake, args, autocast))
         step += 1
         history.append(dict(logs))
 
-        # --- progress, previews, checkpoints ---
+        # --- logging ---
         if is_main():
             now = time.time()
-            logs["img/s"] = B * world() / max(now - t_last, 1e-9)
+            logs["img/s"] = args.batch / max(now - t_last, 1e-9)
             t_last = now
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()}, refresh=False)
             bar.update(1)
-            if step % args.every == 0 or step == args.steps:
+        # --- preview (rank 0) and checkpoint (every rank calls it) ---
+        if step % args.every == 0 or step == args.steps:
+            if is_main():
                 model.eval()
                 preview(model, fixed_img, fixed_depth, args.yaw_range,
                         os.path.join(args.out, f"preview_{step:06d}.png"))
-                save_checkpoint(ckpt_path, dict(
-                    kind=CKPT_KIND, config=config, model=model.state_dict(),
-                    disc=disc.state_dict(), opt=opt.state_dict(), opt_d=opt_d.state_dict(),
-                    step=step, args={k: v for k, v in vars(args).items()},
-                    rng=gather_rng(), data=os.path.abspath(root)))
-        elif step % args.every == 0 or step == args.steps:
-            gather_rng()                                  # every rank joins the collective
+            save_on_main(ckpt_path, lambda rngs: dict(
+                kind=CKPT_KIND, config=config, model=model.state_dict(),
+                disc=disc.state_dict(), opt=opt.state_dict(), opt_d=opt_d.state_dict(),
+                step=step, args=dict(vars(args)), rng=rngs, data=os.path.abspath(root)))
     bar.close()
     if is_main():
         print(f"done: {ckpt_path}, previews in {args.out}/preview_*.png")

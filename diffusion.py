@@ -403,7 +403,7 @@ def ddim_loop(model, x, ts, eta=0.0, labels=None, cfg=1.0, generator=None, progr
 @torch.no_grad()
 def ddim_sample(model, shape, steps=50, eta=0.0, labels=None, cfg=1.0, noise=None,
                 generator=None, progress=False):
-    """New latents z (B, C, H, W) from pure noise (DESIGN.md API). noise: a given x_T, e.g.
+    """New latents z (B, C, H, W) from pure noise (public API, README). noise: a given x_T, e.g.
     from ddim_invert or an interpolation between two of them."""
     model.check_labels(labels, cfg)
     dev = model.alpha_bar.device
@@ -617,8 +617,8 @@ def model_config(args, latent_shape, classes):
 
 
 def load(path, device="cpu"):
-    """A diffusion checkpoint -> LatentDiffusion with the EMA weights, in eval mode (DESIGN.md
-    API). model.config["ae_id"] names the autoencoder its latents came from."""
+    """A diffusion checkpoint -> LatentDiffusion with the EMA weights, in eval mode (public
+    API, README). model.config["ae_id"] names the autoencoder its latents came from."""
     ckpt = ae.load_checkpoint(path, CKPT_KIND, "a diffusion checkpoint (runs/ldm/ckpt.pt)")
     model = LatentDiffusion(ckpt["config"])
     model.load_state_dict(ckpt["ema"])
@@ -644,6 +644,29 @@ def sample_grid(model, ae_model, n, steps, path, seed=0):
     labels = (torch.arange(n, device=dev) % model.num_classes) if model.num_classes else None
     z = ddim_sample(model, (n, *model.config["latent_shape"]), steps, labels=labels, generator=g)
     ae.view_grid(ae_model, ae_model.decode(z.to(next(ae_model.parameters()).device)), 20.0, path)
+
+
+def train_step(model, ema, opt, x0, labels, step, args, autocast):
+    """One optimiser step on a batch of normalised latents x0 (B, C, h, w), then the EMA update.
+    Returns the logged values."""
+    model.train()
+    with autocast:
+        # t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps,
+        # loss = |net(x_t, t, y) - target|^2 with target eps or v (LatentDiffusion.loss).
+        loss = model.loss(x0, labels, args.p_uncond)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in opt.param_groups for p in group["params"]]
+    ae.all_reduce_grads(params)                       # average the ranks' gradients (DDP)
+    gnorm = nn.utils.clip_grad_norm_(params, args.grad_clip) if args.grad_clip > 0 else None
+    opt.step()
+    # EMA with a warm-up (decay grows from 0.1 towards args.ema): early EMA weights are
+    # not stuck on the random init.
+    ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
+    logs = dict(loss=loss.item())
+    if gnorm is not None:
+        logs["gnorm"] = gnorm.item()
+    return logs
 
 
 def train(args):
@@ -702,7 +725,6 @@ def train(args):
         print(f"UNet {n_par / 1e6:.2f} M parameters; {args.schedule} schedule, predicts "
               f"{args.pred}; {world()} process(es) on {device}")
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.amp == "bf16")
-    params = list(model.parameters())
 
     bar = tqdm(total=args.steps, initial=step, disable=not is_main(), dynamic_ncols=True)
     history, t_last = [], time.time()
@@ -710,23 +732,9 @@ def train(args):
         # This rank's slice of the global batch, a pure function of the step (exact resume).
         idx = torch.tensor(ae.batch_indices(step, len(x_all), args.batch, args.seed),
                            device=device)
-        model.train()
-        with autocast:
-            # t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps,
-            # loss = |net(x_t, t, y) - target|^2 with target eps or v (LatentDiffusion.loss).
-            loss = model.loss(x_all[idx], None if y_all is None else y_all[idx], args.p_uncond)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        ae.all_reduce_grads(params)                   # average the ranks' gradients (DDP)
-        gnorm = nn.utils.clip_grad_norm_(params, args.grad_clip) if args.grad_clip > 0 else None
-        opt.step()
-        # EMA with a warm-up (decay grows from 0.1 towards args.ema): early EMA weights are
-        # not stuck on the random init.
-        ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
+        logs = train_step(model, ema, opt, x_all[idx], None if y_all is None else y_all[idx],
+                          step, args, autocast)
         step += 1
-        logs = dict(loss=loss.item())
-        if gnorm is not None:
-            logs["gnorm"] = gnorm.item()
         history.append(logs)
         if is_main():
             now = time.time()
@@ -736,15 +744,13 @@ def train(args):
             bar.update(1)
         # --- sample grid + checkpoint (rank 0 writes; every rank hands over its RNG state) ---
         if step % args.every == 0 or step == args.steps:
-            rngs = ae.gather_rng()                       # every rank joins the collective
             if is_main():
                 ema.eval()
                 sample_grid(ema, ae_model, 8, args.sample_steps,
                             os.path.join(args.out, f"samples_{step:06d}.png"), seed=args.seed)
-                ae.save_checkpoint(ckpt_path, dict(
-                    kind=CKPT_KIND, config=config, model=model.state_dict(),
-                    ema=ema.state_dict(), opt=opt.state_dict(), step=step, rng=rngs,
-                    args=dict(vars(args))))
+            ae.save_on_main(ckpt_path, lambda rngs: dict(
+                kind=CKPT_KIND, config=config, model=model.state_dict(), ema=ema.state_dict(),
+                opt=opt.state_dict(), step=step, rng=rngs, args=dict(vars(args))))
     bar.close()
     if is_main():
         print(f"done: {ckpt_path}, sample grids in {args.out}/samples_*.png "

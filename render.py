@@ -18,7 +18,7 @@ uses. Read it top to bottom:
     5. compositing composite: alpha, transmittance, weights, features, z-depth, opacity
     6. render      the entry point: rays -> coarse pass -> fine pass -> images (B, C, H, W)
 
-Conventions (see DESIGN.md): OpenCV camera axes (x right, y down, z forward), `cam2world` 4x4
+Conventions (README, Conventions): OpenCV camera axes (x right, y down, z forward), `cam2world` 4x4
 matrices, square images with a field of view `fov_deg`. The world is *view space*: the pivot the
 camera orbits is the origin and the input camera P0 sits at (0, 0, -radius) looking down +z.
 
@@ -126,7 +126,9 @@ def sample_triplane(planes, points):
     with bilinear interpolation and the three features are averaged (EG3D also averages; the
     mean keeps the feature scale independent of the number of planes, and the field MLP can
     undo any fixed scale). All three planes go through ONE grid_sample call by folding the plane
-    axis into the batch: on both CPU and GPU that is markedly faster than three calls.
+    axis into the batch instead of three calls, one per plane (the same numbers: max difference
+    0). Measured forward + backward on a 2-core CPU, B=2, planes 32 x 128^2, 393k points:
+    3.7-4.0 s vs 4.5-4.9 s for three calls (two runs, medians of 6); not measured on a GPU.
     """
     B, P, C, R, _ = planes.shape
     uv = torch.stack([points[..., list(a)] for a in PLANE_AXES], dim=1)     # (B, 3, N, 2)
@@ -318,7 +320,12 @@ def render(planes, field, cam2world, fov_deg, res, radius=None, n_coarse=48, n_f
             # those (1 channel), get the weights, and hand each weight back to its sample in
             # the original order. The F-channel features are never concatenated or permuted,
             # which is the most expensive part of the usual merge-and-sort (bench.py: 1.3x faster
-            # on a CPU for the whole forward + backward).
+            # on a CPU for the whole forward + backward). The textbook form, for comparison:
+            #   t, sigma, feat = cat((t_c, t_f)), cat((sigma_c, sigma_f)), cat((feat_c, feat_f))
+            #   order = t.argsort(); w = composite_weights(sigma[order], t[order])
+            #   feat_map = sum_i w_i feat[order][i]
+            # Here w is un-sorted instead: order.argsort() is the inverse permutation (where
+            # each original sample went), so w[i] below is the weight of original sample i.
             t_all, order = torch.cat([t_c, t_f], -1).sort(-1)               # (B, N, S)
             sigma_all = torch.cat([sigma_c.view(B, N, -1), sigma_f.view(B, N, -1)], -1)
             w_sorted = composite_weights(sigma_all.gather(-1, order), t_all)   # (B, N, S)

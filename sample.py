@@ -11,20 +11,29 @@ geometry export, and the metrics.
     python sample.py --ae A --ldm L --resample photo.jpg --strength 0.3,0.6
     python sample.py --ae A --ldm L --export-ply --metrics         # point clouds, NFS (+ FID/KID)
 
-Every mode writes files a person opens (PNG grids, GIF turntables, PLY point clouds) and prints
-where it wrote them.
+    python sample.py --ae A --ldm L --viewer                       # + viewer.html: orbit by hand
+
+Every mode writes files a person opens (PNG grids, GIF turntables, PLY point clouds, and with
+--viewer one self-contained viewer.html to turn the scenes in a browser) and prints where it
+wrote them.
 
 Map of the file:
     1. loading             the two checkpoints, and that they belong together; a photo
     2. cameras and frames  turntable cameras, rendering frames in chunks, PNG / GIF writers
-    3. modes               generate, novel views of a photo, interpolation, resampling
-    4. geometry            coloured point clouds from rendered depth, written as PLY
-    5. metrics             NFS (non-flatness score), FID / KID through torch-fidelity
-    6. the demo            autoencoder -> diffusion -> samples on the synthetic scenes
+    3. the 3D viewer       views on a yaw x pitch grid as sprites in one offline HTML page
+    4. modes               generate, novel views of a photo, interpolation, resampling
+    5. geometry            coloured point clouds from rendered depth, written as PLY
+    6. metrics             NFS (non-flatness score), FID / KID through torch-fidelity
+    7. the demo            autoencoder -> diffusion -> samples on the synthetic scenes
 """
 import argparse
+import base64
+import io
+import json
 import math
 import os
+import time
+from html import escape as html_escape
 
 import numpy as np
 import torch
@@ -36,6 +45,7 @@ import autoencoder as ae
 import data as data_mod
 import diffusion
 import render
+import scenes
 from data import UserError
 
 
@@ -59,25 +69,23 @@ def load_models(ae_path, ldm_path, device):
 
 
 def load_photo(path, ae_model, device):
-    """A photo (and its depth map, if ROOT/depth/STEM.npy or .png exists next to it) ->
-    image (1, 3, res, res) in [-1, 1], depth (1, 1, res, res) or None."""
+    """A photo (and its depth map, if DIR/depth/STEM.npy or .png exists beside it) ->
+    image (1, 3, res, res) in [-1, 1], depth (1, 1, res, res) or None. Read exactly as the
+    training data is (data.load_photo): upright by its EXIF flag, centre-cropped, resized."""
     res = ae_model.config["res"]
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such image file")
+    folder, name = os.path.split(os.path.abspath(path))
+    dpath = data_mod.depth_path_for(folder, name)
     try:
-        rgb, _ = data_mod.load_rgb(path, res)
-        with Image.open(path) as im:
-            size = im.size
+        rgb, depth, _ = data_mod.load_photo(path, dpath, res)
     except UserError:
         raise
     except Exception as e:
         raise UserError(f"{path}: cannot read this image ({type(e).__name__}: {e})")
     image = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().to(device) / 127.5 - 1
-    folder, name = os.path.split(os.path.abspath(path))
-    dpath = data_mod.depth_path_for(folder, name)
-    depth = None
-    if dpath:
-        depth = torch.from_numpy(data_mod.load_depth(dpath, res, size))[None, None].to(device)
+    if depth is not None:
+        depth = torch.from_numpy(depth)[None, None].to(device)               # (1, 1, res, res)
     if ae_model.config["depth_input"] and depth is None:
         raise UserError(f"{path}: this autoencoder needs the image's depth map; make it with "
                         f"`python data.py depth {folder}` (it writes {folder}/depth/)")
@@ -110,14 +118,16 @@ def turntable_cameras(frames, yaw, pitch, radius):
 
 
 @torch.no_grad()
-def render_frames(ae_model, planes, cams, chunk=16):
+def render_frames(ae_model, planes, cams, chunk=16, res=None):
     """Render scene i from camera i: planes (N, 3, C, R, R), or (1, ...) for one scene seen from
     every camera; cams (N, 4, 4). -> image (N, 3, H, W) in [-1, 1], depth (N, 1, h, w), on the
-    CPU. `chunk` views at a time, so memory stays flat however many frames a video has."""
+    CPU. `chunk` views at a time, so memory stays flat however many frames a video has.
+    res: output size (default the model's)."""
     images, depths = [], []
     planes = planes.expand(len(cams), -1, -1, -1, -1)        # a view, not a copy, when N = 1
     for lo in range(0, len(cams), chunk):
-        out = ae_model.render(planes[lo:lo + chunk], cams[lo:lo + chunk].to(planes.device))
+        out = ae_model.render(planes[lo:lo + chunk], cams[lo:lo + chunk].to(planes.device),
+                              res=res)
         images.append(out["image"].clamp(-1, 1).cpu())
         depths.append(out["depth"].cpu())
     return torch.cat(images), torch.cat(depths)
@@ -169,7 +179,169 @@ def turntable(ae_model, planes, path, args):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Modes
+# 3. The 3D viewer: one self-contained HTML page
+# ---------------------------------------------------------------------------------------------
+# A GIF shows one fixed camera path; a student wants to turn the scene by hand. Real-time
+# rendering in the browser would need the triplane and the MLPs in JavaScript, so instead every
+# scene is rendered ahead of time on a yaw x pitch grid of cameras and packed into two "sprite"
+# images (RGB and depth), cell (row j, column i) = the view from (yaw_i, pitch_j). The page holds
+# them as base64 data: URIs and a few lines of JavaScript pick the cell nearest to the mouse
+# position. No network: nothing is fetched, so the file opens from disk in any browser.
+VIEWER_YAWS = torch.linspace(-30, 30, 15)             # degrees, columns of a sprite
+VIEWER_PITCHES = torch.linspace(15, -15, 5)           # degrees, rows (top row: camera above)
+
+
+def viewer_cameras(yaws, pitches, radius):
+    """The viewer's camera grid, row-major (pitch j, yaw i) -> (P * Y, 4, 4)."""
+    pitch, yaw = torch.meshgrid(pitches, yaws, indexing="ij")                  # (P, Y) each
+    return render.orbit_camera(yaw.flatten(), pitch.flatten(), radius)
+
+
+@torch.no_grad()
+def viewer_sprites(ae_model, planes, yaws=VIEWER_YAWS, pitches=VIEWER_PITCHES, res=None):
+    """One scene (1, 3, C, R, R) -> RGB and depth sprites, uint8 (P * res, Y * res, 3) each."""
+    cams = viewer_cameras(yaws, pitches, ae_model.config["radius"])
+    images, depths = render_frames(ae_model, planes, cams, res=res)           # (P*Y, 3, H, W)
+    both = side_by_side(images, depths)                                        # (P*Y, 3, H, 2W)
+    P, Y, W = len(pitches), len(yaws), images.shape[-1]
+
+    def sprite(x):                                     # (P*Y, 3, H, W) -> (P*H, Y*W, 3)
+        return to_uint8(x).reshape(P, Y, W, W, 3).transpose(0, 2, 1, 3, 4).reshape(
+            P * W, Y * W, 3)
+    return sprite(both[..., :W]), sprite(both[..., W:])
+
+
+def png_data_uri(arr):
+    """uint8 (H, W, 3) -> 'data:image/png;base64,...' (lossless, so a test can compare pixels)."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+VIEWER_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>WildFusion: 3D viewer</title>
+<style>
+  body { margin: 0; padding: 16px; background: #1e1e1e; color: #ddd; font: 15px sans-serif; }
+  h1 { font-size: 18px; margin: 0 0 8px; }
+  #bar { display: flex; gap: 16px; align-items: center; flex-wrap: wrap; margin: 8px 0; }
+  canvas { width: min(90vw, 70vh, 512px); height: auto; image-rendering: pixelated;
+           cursor: grab; touch-action: none; display: block; background: #000; }
+  canvas:active { cursor: grabbing; }
+  #info { font-family: monospace; }
+  .help { color: #999; max-width: 512px; }
+</style></head>
+<body>
+<h1>WildFusion: __TITLE__</h1>
+<div id="bar">
+  <label>scene <select id="scene"></select></label>
+  <label><input type="checkbox" id="depth"> depth (near = dark)</label>
+  <span id="info"></span>
+</div>
+<canvas id="view" width="__RES__" height="__RES__"></canvas>
+<p class="help">Drag (mouse or touch) to turn the camera about the scene; arrow keys step yaw
+and pitch; <b>d</b> toggles depth; <b>n</b> / <b>p</b> next / previous scene. Each view was
+rendered ahead of time from the model on a __NY__ x __NP__ grid (yaw __YMIN__..__YMAX__ deg,
+pitch __PMIN__..__PMAX__ deg). A link such as <code>#yaw=10&amp;pitch=-5&amp;sample=1</code>
+opens a given view.</p>
+<div hidden>
+__IMAGES__
+</div>
+<script>
+"use strict";
+const YAWS = __YAWS__, PITCHES = __PITCHES__, NAMES = __NAMES__, RES = __RES__;
+const state = { scene: 0, yi: YAWS.length >> 1, pi: PITCHES.length >> 1, depth: false };
+const canvas = document.getElementById("view"), ctx = canvas.getContext("2d");
+const pick = document.getElementById("scene"), box = document.getElementById("depth");
+NAMES.forEach((name, k) => pick.add(new Option(name, k)));
+const clamp = (v, lo, hi) => Math.max(lo, Math.min(hi, v));
+const nearest = (arr, v) => arr.reduce((b, x, k) => Math.abs(x - v) < Math.abs(arr[b] - v) ? k : b, 0);
+
+function draw(updateUrl) {
+  const img = document.getElementById((state.depth ? "depth" : "rgb") + state.scene);
+  ctx.imageSmoothingEnabled = false;
+  // sprite cell (row = pitch index, column = yaw index), drawn 1:1 into the RES x RES canvas
+  ctx.drawImage(img, state.yi * RES, state.pi * RES, RES, RES, 0, 0, RES, RES);
+  pick.value = state.scene; box.checked = state.depth;
+  document.getElementById("info").textContent =
+    "yaw " + YAWS[state.yi] + "\\u00b0  pitch " + PITCHES[state.pi] + "\\u00b0";
+  if (updateUrl) history.replaceState(null, "", "#yaw=" + YAWS[state.yi] + "&pitch=" +
+    PITCHES[state.pi] + "&sample=" + state.scene + (state.depth ? "&depth=1" : ""));
+}
+
+function fromHash() {            // #yaw=..&pitch=..&sample=..&depth=1 sets the view
+  const h = new URLSearchParams(location.hash.slice(1));
+  if (h.has("yaw")) state.yi = nearest(YAWS, parseFloat(h.get("yaw")));
+  if (h.has("pitch")) state.pi = nearest(PITCHES, parseFloat(h.get("pitch")));
+  if (h.has("sample")) state.scene = clamp(parseInt(h.get("sample")) || 0, 0, NAMES.length - 1);
+  if (h.has("depth")) state.depth = h.get("depth") === "1";
+}
+
+// Dragging: every 1/YAWS.length of the canvas width is one yaw step (drag right = camera
+// moves right), every 1/PITCHES.length of its height one pitch step (drag up = camera up).
+let drag = null;
+canvas.addEventListener("pointerdown", e => {
+  drag = { x: e.clientX, y: e.clientY, yi: state.yi, pi: state.pi };
+  canvas.setPointerCapture(e.pointerId);
+});
+canvas.addEventListener("pointermove", e => {
+  if (!drag) return;
+  const r = canvas.getBoundingClientRect();
+  state.yi = clamp(drag.yi + Math.round((e.clientX - drag.x) / r.width * YAWS.length), 0, YAWS.length - 1);
+  state.pi = clamp(drag.pi + Math.round((e.clientY - drag.y) / r.height * PITCHES.length), 0, PITCHES.length - 1);
+  draw(false);
+});
+canvas.addEventListener("pointerup", () => { drag = null; draw(true); });
+document.addEventListener("keydown", e => {
+  const step = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] }[e.key];
+  if (step) {
+    state.yi = clamp(state.yi + step[0], 0, YAWS.length - 1);
+    state.pi = clamp(state.pi + step[1], 0, PITCHES.length - 1);
+    e.preventDefault();
+  } else if (e.key === "d") state.depth = !state.depth;
+  else if (e.key === "n") state.scene = (state.scene + 1) % NAMES.length;
+  else if (e.key === "p") state.scene = (state.scene + NAMES.length - 1) % NAMES.length;
+  else return;
+  draw(true);
+});
+pick.addEventListener("change", () => { state.scene = parseInt(pick.value); draw(true); });
+box.addEventListener("change", () => { state.depth = box.checked; draw(true); });
+window.addEventListener("hashchange", () => { fromHash(); draw(false); });
+window.addEventListener("load", () => { fromHash(); draw(false); });
+</script>
+</body></html>
+"""
+
+
+def write_viewer(ae_model, scenes, path, title="samples", res=None):
+    """scenes: list of (name, planes (1, 3, C, R, R)) -> one self-contained viewer.html.
+    res: the size the views are rendered at (default the model's, at most 128 px, which keeps
+    the file to a few MB)."""
+    res = res or min(ae_model.config["res"], 128)
+    images = []
+    for k, (name, planes) in enumerate(tqdm(scenes, desc="viewer", leave=False)):
+        rgb, depth = viewer_sprites(ae_model, planes, res=res)
+        images += [f'<img id="rgb{k}" alt="" src="{png_data_uri(rgb)}">',
+                   f'<img id="depth{k}" alt="" src="{png_data_uri(depth)}">']
+    fmt = lambda t: json.dumps([round(float(v), 2) for v in t])
+    html = VIEWER_HTML
+    for key, value in dict(TITLE=html_escape(title), RES=str(res), IMAGES="\n".join(images),
+                           YAWS=fmt(VIEWER_YAWS), PITCHES=fmt(VIEWER_PITCHES),
+                           NAMES=json.dumps([name for name, _ in scenes]),
+                           NY=str(len(VIEWER_YAWS)), NP=str(len(VIEWER_PITCHES)),
+                           YMIN=f"{VIEWER_YAWS.min():g}", YMAX=f"{VIEWER_YAWS.max():+g}",
+                           PMIN=f"{VIEWER_PITCHES.min():g}",
+                           PMAX=f"{VIEWER_PITCHES.max():+g}").items():
+        html = html.replace(f"__{key}__", value)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(html)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Modes
 # ---------------------------------------------------------------------------------------------
 def sample_latents(ldm, n, args, device):
     """n new latents with DDIM; labels from --class, else (conditional models) cycling."""
@@ -215,10 +387,13 @@ def generate(ae_model, ldm, args, device):
         written += [export_ply(ae_model, planes[i:i + 1], os.path.join(args.out,
                                                                        f"points_{i:03d}.ply"))
                     for i in range(args.n)]
+    if args.viewer:
+        written.append(write_viewer(ae_model, [(f"sample {i}", planes[i:i + 1])
+                                               for i in range(args.n)],
+                                    os.path.join(args.out, "viewer.html")))
     print("wrote " + ", ".join(written) + f", {len(gifs)} turntables {args.out}/turntable_*.gif")
-    if args.metrics:
-        metrics(ae_model, planes, args)
-    return dict(z=z, gifs=gifs, files=written)
+    scores = metrics(ae_model, planes, args) if args.metrics else None
+    return dict(z=z, planes=planes, gifs=gifs, files=written, metrics=scores)
 
 
 @torch.no_grad()
@@ -232,9 +407,13 @@ def novel_views(ae_model, args, device):
     ae.view_grid(ae_model, planes, args.yaw, png, first=[image])
     if args.export_ply:
         print("wrote " + export_ply(ae_model, planes, os.path.join(args.out, f"{stem}.ply")))
+    if args.viewer:
+        print("wrote " + write_viewer(ae_model, [(f"photo {stem}", planes)],
+                                      os.path.join(args.out, f"{stem}_viewer.html"),
+                                      title=f"novel views of {stem}"))
     print(f"wrote {gif} and {png} (input | P0 | depth | yaw -{args.yaw:g}, 0, +{args.yaw:g} | "
           f"depths)")
-    return gif
+    return dict(gif=gif, png=png, image=image, planes=planes)
 
 
 @torch.no_grad()
@@ -265,7 +444,7 @@ def interpolate(ae_model, ldm, args, device):
     path = save_gif(side_by_side(images, depths), os.path.join(args.out, "interpolation.gif"),
                     args.fps)
     print(f"wrote {path} ({args.frames} frames)")
-    return path
+    return dict(gif=path, z=z, ends=ends)
 
 
 @torch.no_grad()
@@ -295,11 +474,11 @@ def resample_photo(ae_model, ldm, args, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Geometry: a coloured point cloud from rendered depth
+# 5. Geometry: a coloured point cloud from rendered depth
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def point_cloud(ae_model, planes, yaws=(-20.0, 0.0, 20.0), min_opacity=0.5):
-    """Unproject the rendered depth of a few views into world points (view space, DESIGN.md).
+    """Unproject the rendered depth of a few views into world points (view space: README, Conventions).
 
     A pixel's ray has unit direction d; z-depth D is the distance along the optical axis f, so
     the point is o + d * D / (d . f). Only pixels whose ray is mostly absorbed (opacity above
@@ -338,7 +517,7 @@ def export_ply(ae_model, planes, path):
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Metrics
+# 6. Metrics
 # ---------------------------------------------------------------------------------------------
 def nfs(depth, near, far, bins=64):
     """Non-flatness score (3DGP, Skorokhodov et al. 2023): per depth map, the entropy H of a
@@ -355,29 +534,34 @@ def nfs(depth, near, far, bins=64):
 
 @torch.no_grad()
 def metrics(ae_model, planes, args):
-    """NFS of the samples' frontal depth; FID / KID of their novel views when torch-fidelity is
-    installed (against --real, default the autoencoder's training folder)."""
+    """NFS of the samples' frontal depth (and of the data's own depth maps, for reference); FID /
+    KID of their novel views when torch-fidelity is installed (against --real, default the
+    autoencoder's training folder). Prints them and returns them as a dict."""
     c = ae_model.config
-    near, mid, _ = render.default_bounds(c["radius"])
+    near = render.default_bounds(c["radius"])[0]
+    far = 2 * c["radius"]
     _, depth = render_frames(ae_model, planes, ae_model.P0(len(planes)))   # (n, 1, h, w)
-    print(f"NFS (64 bins, depth in [{near:.2f}, {2 * c['radius']:.2f}]): "
-          f"{nfs(depth, near, 2 * c['radius']):.2f}  over {len(planes)} samples")
+    result = dict(nfs=nfs(depth, near, far), n=len(planes))
+    print(f"NFS (64 bins, depth in [{near:.2f}, {far:.2f}]): {result['nfs']:.2f}  over "
+          f"{len(planes)} samples")
     real = args.real or getattr(ae_model, "trained_on", None)
     if real and os.path.isdir(os.path.join(real, "depth")):
         # The same score on the data's own depth maps, at the rendered depth's resolution:
         # what a model that got the geometry exactly right would score.
         ds = data_mod.ImageFolder(real, depth.shape[-1], depth=True, verbose=False)
         ref = torch.stack([ds[i]["depth"] for i in range(min(len(ds), len(planes)))])
+        result["nfs_data"] = nfs(ref, near, far)
         print(f"NFS of the data's depth maps ({real}, {len(ref)} images): "
-              f"{nfs(ref, near, 2 * c['radius']):.2f}")
+              f"{result['nfs_data']:.2f}")
     try:
         import torch_fidelity
     except ImportError:
-        print("FID/KID: skipped; `pip install torch-fidelity` and pass --real IMAGES_DIR to "
-              "score rendered novel views against real images")
-        return
-    if not args.real:
-        raise UserError("--metrics with torch-fidelity needs --real IMAGES_DIR to compare with")
+        print("FID/KID: skipped; `pip install torch-fidelity` to score rendered novel views "
+              "against real images (--real, default the autoencoder's training folder)")
+        return result
+    if not real or not os.path.isdir(real):
+        raise UserError(f"--metrics with torch-fidelity needs real images to compare with: the "
+                        f"autoencoder's training folder ({real}) is gone; pass --real IMAGES_DIR")
     fake_dir = os.path.join(args.out, "fid_views")
     os.makedirs(fake_dir, exist_ok=True)
     torch.manual_seed(args.seed)                          # one random novel view per sample
@@ -385,48 +569,193 @@ def metrics(ae_model, planes, args):
                                                                  args.pitch, c["radius"]))
     for i, im in enumerate(views):
         ae.save_image(im, os.path.join(fake_dir, f"{i:05d}.png"))
-    r = torch_fidelity.calculate_metrics(input1=fake_dir, input2=args.real, fid=True, kid=True,
+    r = torch_fidelity.calculate_metrics(input1=fake_dir, input2=real, fid=True, kid=True,
                                          kid_subset_size=min(1000, len(planes)), verbose=False)
-    print(f"FID {r['frechet_inception_distance']:.2f}, KID "
-          f"{r['kernel_inception_distance_mean'] * 1000:.2f} x 1e-3 ({len(planes)} novel views "
-          f"vs {args.real})")
+    result.update(fid=r["frechet_inception_distance"], kid=r["kernel_inception_distance_mean"])
+    print(f"FID {result['fid']:.2f}, KID {result['kid'] * 1000:.2f} x 1e-3 ({len(planes)} "
+          f"novel views vs {real})")
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. The demo and the command line
+# 7. The demo and the command line
 # ---------------------------------------------------------------------------------------------
+def seconds_per_call(fn, warm=1, reps=3):
+    """Median wall time of fn() over `reps` calls, after `warm` untimed ones (the first calls
+    pay for memory allocation and lazy initialisation)."""
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def steps_done(path):
+    """The step a checkpoint was saved at (0 when there is none): what --resume skips. A file
+    that does not load counts as 0 here; the training script then says what is wrong with it."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+    except Exception:
+        return 0
+
+
+def estimate_demo(ae_args, ldm_args, args, data_root):
+    """Seconds each demo stage should take on this machine, from a short timed warm-up: a few
+    calls of each network on random tensors of the real shapes (nothing is written).
+    -> {stage: (seconds, what it does)}."""
+    device = torch.device(args.device)
+    plain = torch.autocast("cpu", enabled=False)                     # float32, as the demo
+    est = {}
+    # 0. the synthetic scenes (rendered once; later demos reuse them)
+    meta = scenes.read_scene_meta(data_root)
+    if meta is None or meta["n"] < ae_args.n_scenes:
+        rng, cam = np.random.default_rng(0), scenes.scene_camera(0, 0)
+        per = seconds_per_call(lambda: scenes.render_scene(scenes.random_scene(rng), cam,
+                                                           res=max(ae_args.res, 64)))
+        renders = ae_args.n_scenes + 64 * (1 + len(scenes.parse_views(scenes.DEFAULT_VIEWS)))
+        est["scenes"] = (per * renders, f"render {ae_args.n_scenes} + 64 held-out scenes "
+                                        f"with exact depth into {data_root}")
+    # 1. autoencoder steps on a random batch of the real shape
+    warm = argparse.Namespace(**vars(ae_args))
+    warm.fov_deg, warm.radius = scenes.SCENE_FOV, scenes.SCENE_RADIUS
+    model, disc, opt, _ = ae.build(warm, device)
+    B, res = warm.batch, warm.res
+    image = torch.rand(B, 3, res, res, device=device) * 2 - 1
+    depth = 1 + 3 * torch.rand(B, 1, res, res, device=device)
+    per = seconds_per_call(lambda: ae.autoencoder_step(model, disc, opt, image, depth, warm,
+                                                       warm.adv_weight > 0, None, plain))
+    left = ae_args.steps - steps_done(os.path.join(ae_args.out, "ckpt.pt"))
+    est["autoencoder"] = (per * left, f"train the tiny autoencoder: {left} steps x "
+                                      f"{per * 1e3:.0f} ms")
+    # 2. diffusion steps on random latents of the autoencoder's latent shape
+    shape = (warm.z_ch, warm.z_res, warm.z_res)
+    ldm = diffusion.LatentDiffusion(diffusion.model_config(ldm_args, shape, [])).to(device)
+    ema = diffusion.LatentDiffusion(diffusion.model_config(ldm_args, shape, [])).to(device)
+    opt = torch.optim.AdamW(ldm.parameters(), lr=ldm_args.lr)
+    x0 = torch.randn(ldm_args.batch, *shape, device=device)
+    per = seconds_per_call(lambda: diffusion.train_step(ldm, ema, opt, x0, None, 0, ldm_args,
+                                                        plain))
+    left = ldm_args.steps - steps_done(os.path.join(ldm_args.out, "ckpt.pt"))
+    est["diffusion"] = (per * left, f"encode the scenes, train the tiny diffusion model: "
+                                    f"{left} steps x {per * 1e3:.0f} ms")
+    # 3. sampling: count the UNet evaluations (batches of <= 16) and the rendered frames
+    ldm.eval()
+    t = torch.full((16,), 500, device=device)
+    unet = seconds_per_call(lambda: torch.no_grad()(ldm.predict)(x0[:16], t))
+    model.eval()
+    with torch.no_grad():
+        planes = model.decode(torch.randn(1, *shape, device=device))
+    cams = ae.random_cameras(16, 20.0, 5.0, warm.radius).to(device)
+    frame = seconds_per_call(lambda: render_frames(model, planes, cams)) / 16
+    n, F_, S = args.n, args.frames, args.steps
+    evals = (S * math.ceil(n / 16) + S * math.ceil(F_ / 16) +           # samples, interpolation
+             sum(math.ceil(float(s) * S) for s in str(args.strength).split(",")))  # resampling
+    frames = (n * (1 + 5 + F_) + (n + 1) * len(VIEWER_YAWS) * len(VIEWER_PITCHES) +  # viewer
+              2 * F_ + 64 * 7)                 # interpolation, novel views, held-out evaluation
+    est["sampling"] = (evals * unet + frames * frame,
+                       f"sample {n} scenes ({S} DDIM steps), GIFs, viewer, interpolation, "
+                       f"novel views, resampling, metrics")
+    return est
+
+
 def demo(args):
     """The whole pipeline on the synthetic scenes with the tiny presets: train (or reuse) the
-    autoencoder and the diffusion model under runs/demo/, then sample everything."""
+    autoencoder and the diffusion model under runs/demo/, then sample everything, write the
+    viewer, and end with a summary of files, metrics and times."""
     threads = ["--threads", str(args.threads)] if args.threads else []
     ae_dir, ldm_dir = os.path.join("runs", "demo", "ae"), os.path.join("runs", "demo", "ldm")
     ae_path, ldm_path = os.path.join(ae_dir, "ckpt.pt"), os.path.join(ldm_dir, "ckpt.pt")
-    # Each stage resumes from its checkpoint when one exists, so a second --demo only samples.
-    print("== stage 1: the 3D-aware autoencoder (python autoencoder.py --preset tiny) ==")
-    ae.train(ae.get_args(["--preset", "tiny", "--out", ae_dir, *threads] +
-                         (["--resume"] if os.path.isfile(ae_path) else [])))
-    print("== stage 2: latent diffusion (python diffusion.py --preset tiny) ==")
-    diffusion.train(diffusion.get_args(["--preset", "tiny", "--ae", ae_path, "--out", ldm_dir,
-                                        *threads] +
-                                       (["--resume"] if os.path.isfile(ldm_path) else [])))
-    print("== sampling ==")
-    args.ae, args.ldm = ae_path, ldm_path
     args.n = args.n or 8
     args.out = args.out or os.path.join("runs", "demo", "samples")
+    # Each stage resumes from its checkpoint when one exists, so a second --demo only samples.
+    ae_args = ae.get_args(["--preset", "tiny", "--out", ae_dir, *threads] +
+                          (["--resume"] if os.path.isfile(ae_path) else []))
+    ldm_args = diffusion.get_args(["--preset", "tiny", "--ae", ae_path, "--out", ldm_dir,
+                                   *threads] + (["--resume"] if os.path.isfile(ldm_path) else []))
+    data_root = os.path.join("data", f"scenes-{max(ae_args.res, 64)}")
+
+    # The plan, with times from a short warm-up on this machine.
+    print("WildFusion demo: synthetic 3D scenes -> 3D-aware autoencoder -> latent diffusion -> "
+          "new 3D scenes.\nTimed warm-up (a few steps of each network on random tensors)...")
+    est = estimate_demo(ae_args, ldm_args, args, data_root)
+    total = sum(s for s, _ in est.values())
+    for k, (stage, (secs, what)) in enumerate(est.items()):
+        print(f"  {k + 1}. {stage:12s} ~{secs / 60:4.1f} min  {what}")
+    print(f"  estimated total ~{total / 60:.0f} min on {torch.get_num_threads()} CPU threads "
+          f"(each stage shows a progress bar; Ctrl-C and run again to resume)")
+    took = {}
+
+    t0 = time.time()
+    if "scenes" in est:
+        print(f"== scenes: rendering into {data_root} (python scenes.py) ==")
+        scenes.make_scenes(data_root, ae_args.n_scenes, res=max(ae_args.res, 64), heldout=64)
+        took["scenes"] = time.time() - t0
+    print(f"== stage 1: the 3D-aware autoencoder (python autoencoder.py --preset tiny "
+          f"--out {ae_dir}) ==")
+    t0 = time.time()
+    ae.train(ae_args)
+    took["autoencoder"] = time.time() - t0
+    print(f"== stage 2: latent diffusion (python diffusion.py --preset tiny --ae {ae_path} "
+          f"--out {ldm_dir}) ==")
+    t0 = time.time()
+    diffusion.train(ldm_args)
+    took["diffusion"] = time.time() - t0
+
+    print(f"== sampling into {args.out} ==")
+    t0 = time.time()
+    args.ae, args.ldm, args.metrics, args.viewer = ae_path, ldm_path, True, False
     device = torch.device(args.device)
     ae_model, ldm = load_models(ae_path, ldm_path, device)
-    args.metrics = True
-    out = generate(ae_model, ldm, args, device)
-    # Then every application once: interpolation between two seeds, novel views and
-    # resampling of a held-out photo the autoencoder never trained on.
+    bar = tqdm(total=6, desc="sampling", unit="part")
+    out = generate(ae_model, ldm, args, device)                                 # GIFs, grids
+    bar.update()
+    # Every application once: interpolation between two seeds, novel views and resampling
+    # of a held-out photo the autoencoder never trained on.
     args.interp_seeds = [args.seed + 1, args.seed + 2]
-    gif = interpolate(ae_model, ldm, args, device)
-    root = ae_model.trained_on
-    photo = sorted(f for f in os.listdir(os.path.join(root, "_heldout")) if f.endswith(".png"))[0]
-    args.image = args.resample = os.path.join(root, "_heldout", photo)
+    interp = interpolate(ae_model, ldm, args, device)
+    bar.update()
+    held = os.path.join(data_root, "_heldout")
+    photo = sorted(f for f in os.listdir(held) if f.endswith(".png"))[0]
+    args.image = args.resample = os.path.join(held, photo)
     nv = novel_views(ae_model, args, device)
+    bar.update()
     resample_photo(ae_model, ldm, args, device)
-    print("\nGIFs to open:\n  " + "\n  ".join(out["gifs"][:4] + [gif, nv]))
+    bar.update()
+    # One page to turn every scene by hand: the samples, then the held-out photo.
+    viewer = write_viewer(ae_model, [(f"sample {i}", out["planes"][i:i + 1])
+                                     for i in range(args.n)] +
+                          [(f"held-out photo {photo}", nv["planes"])],
+                          os.path.join(args.out, "viewer.html"))
+    bar.update()
+    # How good are the autoencoder's novel views? Held-out scenes against their true views.
+    scores = ae.evaluate(ae_model, data_root, save=os.path.join(args.out, "eval_views.png"))
+    bar.update()
+    bar.close()
+    took["sampling"] = time.time() - t0
+
+    # The summary: where everything is, what was measured, how long it took.
+    m = out["metrics"]
+    print("\n== done ==")
+    print(f"open in a browser:  {viewer}   (drag to turn the scenes)")
+    print("GIFs (RGB | depth): " + "\n                    ".join(
+        out["gifs"][:3] + ["... " + os.path.join(args.out, "turntable_*.gif"), interp["gif"],
+                           nv["gif"]]))
+    print(f"pictures:           {os.path.join(args.out, '*.png')} (grid, multiview, "
+          f"resampling, eval_views)")
+    print(f"checkpoints:        {ae_path}  {ldm_path}")
+    print(f"novel views of 64 held-out scenes at yaw +-20 (PSNR, dB): model "
+          f"{scores['psnr_model_yaw20']:.2f}, copy the input {scores['psnr_copy_yaw20']:.2f}, "
+          f"warp by true depth {scores['psnr_warp_yaw20']:.2f}; depth Pearson "
+          f"{scores['depth_pearson']:.3f}")
+    print(f"samples' geometry: NFS {m['nfs']:.2f} over {m['n']} samples (the data's own depth: "
+          f"{m.get('nfs_data', float('nan')):.2f}; a flat billboard scores 1)")
+    print("time per stage (estimate -> actual): " + ", ".join(
+        f"{k} {est[k][0] / 60:.1f} -> {v / 60:.1f} min" for k, v in took.items()))
+    return dict(took=took, estimate={k: v[0] for k, v in est.items()}, eval=scores, metrics=m,
+                viewer=viewer)
 
 
 def get_args(argv=None):
@@ -451,7 +780,10 @@ def get_args(argv=None):
     a("--strength", default="0.25,0.5,0.75", help="resampling strength(s) in [0, 1], comma list")
     a("--export-ply", action="store_true", help="write a coloured point cloud per sample")
     a("--metrics", action="store_true", help="print NFS (and FID/KID with torch-fidelity)")
-    a("--real", help="real image folder for FID/KID")
+    a("--viewer", action="store_true", help="also write viewer.html: every scene on a yaw x "
+      "pitch grid, to turn by hand in a browser (offline; on by default in --demo)")
+    a("--real", help="real image folder for FID/KID (default: the autoencoder's training "
+      "folder)")
     a("--frames", type=int, default=60, help="frames per GIF")
     a("--fps", type=int, default=20)
     a("--yaw", type=float, default=25.0, help="turntable yaw amplitude, degrees")

@@ -9,8 +9,8 @@ import torch
 import torch.multiprocessing as mp
 
 import autoencoder as ae
-import data
 import render
+import scenes as scenes_mod
 from data import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +25,8 @@ MICRO = ["--preset", "tiny", "--res", "16", "--render-res", "16", "--z-res", "4"
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     root = tmp_path_factory.mktemp("scenes")
-    data.make_scenes(str(root), 4, res=16, heldout=2, views="-20:0,20:0", aa=1, verbose=False)
+    scenes_mod.make_scenes(str(root), 4, res=16, heldout=2, views="-20:0,20:0", aa=1,
+                           verbose=False)
     return str(root)
 
 
@@ -113,11 +114,16 @@ def test_forward_warp_identity_and_baseline_psnr():
     assert not torch.allclose(moved, image)
 
 
-def test_one_step_changes_every_parameter(scenes, tmp_path):
-    args = micro_args(scenes, tmp_path, "--steps", "1", "--adv-start", "0", "--every", "1")
-    torch.manual_seed(args.seed)                       # the same initialisation as train()
-    init = ae.AutoEncoder(ae.model_config(args))
-    init_d = ae.Discriminator(args.res, args.disc_ch)
+def test_build_is_trains_initialisation_and_one_step_changes_every_parameter(scenes, tmp_path):
+    args = micro_args(scenes, tmp_path / "a", "--steps", "1", "--adv-start", "0", "--every", "1")
+    args.fov_deg, args.radius = scenes_mod.SCENE_FOV, scenes_mod.SCENE_RADIUS
+    init, init_d, _, _ = ae.build(args, "cpu")
+    # With lr 0 a step moves nothing: train() started from exactly build()'s weights.
+    frozen = ae.train(micro_args(scenes, tmp_path / "b", "--steps", "1", "--adv-start", "0",
+                                 "--every", "1", "--lr", "0"))
+    for a, b in ((init, frozen["model"]), (init_d, frozen["disc"])):
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(p, q), name
     run = ae.train(args)
     for name, before in list(init.named_parameters()) + [
             ("disc." + n, p) for n, p in init_d.named_parameters()]:
@@ -125,12 +131,33 @@ def test_one_step_changes_every_parameter(scenes, tmp_path):
         if after is None:
             after = dict(run["disc"].named_parameters())[name[5:]]
         assert not torch.equal(before, after), f"{name} did not change"
-    assert os.path.isfile(tmp_path / "ckpt.pt") and os.path.isfile(tmp_path / "preview_000001.png")
+    out = tmp_path / "a"
+    assert os.path.isfile(out / "ckpt.pt") and os.path.isfile(out / "preview_000001.png")
+
+
+def test_r1_covers_depth_and_is_float32_under_bf16():
+    torch.manual_seed(0)
+    disc = ae.Discriminator(16, 8)
+    with torch.no_grad():
+        disc.body[0].weight[:, :3] = 0                # this D looks at the depth channel only
+    image, depth = torch.rand(2, 3, 16, 16) * 2 - 1, 1 + torch.rand(2, 1, 16, 16)
+    real, fake = disc.inputs(image, depth), disc.inputs(image.flip(-1), depth.flip(-1))
+    assert real.shape == (2, 4, 16, 16)
+    _, r1 = ae.d_loss_fn(disc, real, fake, r1_gamma=1.0)
+    # R1 = mean over the batch of |grad_x D(x)|^2 over all 4 channels; an RGB-only R1 is 0 here.
+    x = real.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(disc(x).sum(), x)
+    assert r1 > 0 and torch.allclose(r1, grad.square().flatten(1).sum(1).mean(), rtol=1e-5)
+    # Under bf16 autocast the penalty is still computed in float32: same value, float32.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, r1_bf = ae.d_loss_fn(disc, real, fake, r1_gamma=1.0)
+    assert r1_bf.dtype == torch.float32 and torch.allclose(r1_bf, r1, rtol=1e-5)
+    assert ae.Discriminator(16, 8, depth=False).inputs(image, depth).shape == (2, 3, 16, 16)
 
 
 def test_overfitting_one_batch_lowers_reconstruction(tmp_path):
     root = tmp_path / "two"
-    data.make_scenes(str(root), 2, res=16, aa=1, verbose=False)
+    scenes_mod.make_scenes(str(root), 2, res=16, aa=1, verbose=False)
     args = micro_args(str(root), tmp_path / "run", "--steps", "300", "--adv-weight", "0",
                       "--every", "1000", "--lr", "3e-3", "--plane-res", "16")
     hist = ae.train(args)["history"]
@@ -165,7 +192,7 @@ def test_resume_is_bit_exact(scenes, tmp_path, monkeypatch):
         assert torch.equal(p, q), name
     # and load() gives back the same weights in eval mode
     loaded = ae.load(str(tmp_path / "b" / "ckpt.pt"))
-    assert not loaded.training and loaded.config["radius"] == data.SCENE_RADIUS
+    assert not loaded.training and loaded.config["radius"] == scenes_mod.SCENE_RADIUS
     assert all(torch.equal(p, q) for p, q in zip(loaded.state_dict().values(),
                                                  resumed.state_dict().values()))
 
@@ -193,9 +220,30 @@ def test_ddp_two_processes_keep_identical_weights(scenes, tmp_path):
         assert torch.equal(a[k], b[k]), k
     assert os.path.isfile(tmp_path / "ckpt.pt")          # written once, by rank 0
     # and the weights moved away from the initialisation
-    torch.manual_seed(0)
-    init = ae.AutoEncoder(ae.model_config(micro_args(scenes, tmp_path))).state_dict()
+    args = micro_args(scenes, tmp_path)
+    args.fov_deg, args.radius = scenes_mod.SCENE_FOV, scenes_mod.SCENE_RADIUS
+    init = ae.build(args, "cpu")[0].state_dict()
     assert not torch.equal(init["field.density.weight"], a["field.density.weight"])
+
+
+class CopyModel:
+    """A stand-in autoencoder that 'renders' its input photo from every camera, with the true
+    depth: evaluate() must then score it exactly like the copy baseline, with Pearson 1."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def encode(self, image, depth):
+        return image, depth
+
+    def decode(self, z):
+        return z
+
+    def render(self, planes, cam):
+        return dict(image=planes[0], depth=planes[1])
+
+    def P0(self, n):
+        return render.orbit_camera(torch.zeros(n), torch.zeros(n), self.config["radius"])
 
 
 def test_evaluate_reports_model_and_baselines(scenes, tmp_path):
@@ -203,9 +251,15 @@ def test_evaluate_reports_model_and_baselines(scenes, tmp_path):
     model = ae.load(str(tmp_path / "ckpt.pt"))
     r = ae.evaluate(model, scenes, save=str(tmp_path / "views.png"))
     assert r["scenes"] == 2 and os.path.isfile(tmp_path / "views.png")
-    for k in ("psnr_model", "psnr_copy", "psnr_warp", "psnr_model_yaw20", "depth_pearson"):
-        assert k in r and r[k] == r[k]                   # present and not NaN
+    assert 3 < r["psnr_model"] < 40 and -1 <= r["depth_pearson"] <= 1
     assert r["psnr_warp"] > r["psnr_copy"]               # the depth warp beats a plain copy
+    # The scores are of the model's own renders: a model that copies its input scores exactly
+    # the copy baseline, on all views and at yaw +-20, and its true depth correlates perfectly.
+    c = CopyModel(model.config)
+    r = ae.evaluate(c, scenes)
+    assert r["psnr_model"] == pytest.approx(r["psnr_copy"], abs=1e-6)
+    assert r["psnr_model_yaw20"] == pytest.approx(r["psnr_copy_yaw20"], abs=1e-6)
+    assert r["depth_pearson"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_bad_inputs_are_one_clear_error(scenes, tmp_path):
@@ -217,8 +271,16 @@ def test_bad_inputs_are_one_clear_error(scenes, tmp_path):
     for f in os.listdir(scenes):
         if f.endswith(".png"):
             os.link(os.path.join(scenes, f), nodepth / f)
-    with pytest.raises(UserError, match="depth maps are required"):
+    # Photos without depth maps: the error names both ways on...
+    with pytest.raises(UserError, match="depth maps are required") as e:
         ae.train(micro_args(str(nodepth), tmp_path / "o"))
+    assert "python data.py depth" in str(e.value) and "--depth-weight 0" in str(e.value)
+    # ...and the second one trains, with a discriminator on RGB alone.
+    run = ae.train(micro_args(str(nodepth), tmp_path / "o", "--depth-weight", "0", "--steps",
+                              "1", "--adv-start", "0", "--every", "1"))
+    assert run["disc"].in_ch == 3 and "d" in run["history"][0]
+    with pytest.raises(UserError, match="--every must be positive"):
+        ae.train(micro_args(scenes, tmp_path / "o", "--every", "0"))
     fake = tmp_path / "ldm.pt"
     torch.save(dict(kind="wildfusion-diffusion", model={}), fake)
     with pytest.raises(UserError, match="wildfusion-diffusion checkpoint, expected an autoencoder"):

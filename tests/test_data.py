@@ -1,4 +1,4 @@
-"""data.py: every kind of image file, depth maps, labels, bad input, and the synthetic scenes."""
+"""data.py: every kind of image file, depth maps, labels, bad input, one-line CLI errors."""
 import os
 import subprocess
 import sys
@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 import data
-import render
 from data import ImageFolder, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +26,7 @@ def test_modes_become_rgb(tmp_path):
     rgba[..., 0] = 255                                # red, but fully transparent...
     rgba[:, :15, 3] = 255                             # ...except the left half
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
-    out, small = data.load_rgb(str(tmp_path / "a.png"), 10)
+    out, small, _ = data.load_rgb(str(tmp_path / "a.png"), 10)
     assert out.shape == (10, 10, 3) and out.dtype == np.uint8 and not small
     assert (out[:, 0] == [255, 0, 0]).all()           # opaque red stays red
     assert (out[:, -1] == [255, 255, 255]).all()      # transparent becomes the white background
@@ -35,16 +34,16 @@ def test_modes_become_rgb(tmp_path):
     gray16 = np.full((16, 16), 65535, np.uint16)
     gray16[:, :8] = 0
     Image.fromarray(gray16).save(tmp_path / "g16.png")
-    out, _ = data.load_rgb(str(tmp_path / "g16.png"), 16)
+    out, *_ = data.load_rgb(str(tmp_path / "g16.png"), 16)
     assert (out[:, 0] == 0).all() and (out[:, -1] == 255).all()   # not clipped to all-white
 
     Image.fromarray(np.full((12, 12), 77, np.uint8), "L").save(tmp_path / "l.jpg")
-    out, _ = data.load_rgb(str(tmp_path / "l.jpg"), 12)
+    out, *_ = data.load_rgb(str(tmp_path / "l.jpg"), 12)
     assert np.abs(out.astype(int) - 77).max() <= 2 and out.shape == (12, 12, 3)
 
     pal = Image.fromarray(np.full((12, 12, 3), (10, 200, 30), np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE)
     pal.save(tmp_path / "p.bmp")
-    out, _ = data.load_rgb(str(tmp_path / "p.bmp"), 12)
+    out, *_ = data.load_rgb(str(tmp_path / "p.bmp"), 12)
     assert np.abs(out.astype(int) - [10, 200, 30]).max() <= 8
 
 
@@ -52,9 +51,9 @@ def test_center_crop_and_upsample_flag(tmp_path):
     img = np.zeros((40, 80, 3), np.uint8)
     img[:, 20:60] = 255                               # the centred square is all white
     Image.fromarray(img).save(tmp_path / "wide.png")
-    out, small = data.load_rgb(str(tmp_path / "wide.png"), 16)
+    out, small, _ = data.load_rgb(str(tmp_path / "wide.png"), 16)
     assert out.min() >= 250 and not small
-    out, small = data.load_rgb(str(tmp_path / "wide.png"), 64)
+    out, small, _ = data.load_rgb(str(tmp_path / "wide.png"), 64)
     assert small and out.shape == (64, 64, 3)
 
 
@@ -198,53 +197,43 @@ def test_disparity_to_depth_clamps_sky():
     assert np.allclose(d, [[1.0, 2.0, 100.0]])
 
 
-# ------------------------------------------------------------------------- synthetic scenes
-def test_scene_camera_matches_render_orbit():
-    for yaw, pitch in [(0, 0), (20, 0), (-15, 10), (30, -20)]:
-        a = data.scene_camera(yaw, pitch, 2.7)
-        b = render.orbit_camera(float(yaw), float(pitch), 2.7).numpy()
-        assert np.allclose(a, b, atol=1e-6)
-
-
-def test_scene_depth_is_exact_on_wall_and_floor():
-    """An empty scene seen level: the wall's z-depth is wall_z + radius everywhere, and a floor
-    pixel whose ray direction is (u, v, 1) is hit at z-depth floor_y / v."""
-    scene = data.random_scene(np.random.default_rng(0))
-    scene.update(objects=[], elevation=0.0, floor_y=0.6, wall_z=2.0)
-    res, fov = 32, 40.0
-    _, depth = data.render_scene(scene, data.scene_camera(0, 0, 2.7), fov, res, aa=1)
-    f = 0.5 * res / np.tan(np.radians(fov) / 2)
-    v = (np.arange(res) + 0.5 - res / 2) / f             # per row
-    floor_z = 0.6 / np.where(v > 0, v, np.nan)
-    expect = np.where(floor_z[:, None] < 4.7, floor_z[:, None], 4.7) * np.ones((1, res))
-    assert np.allclose(depth, expect, rtol=1e-5)
-
-
-def test_scenes_are_deterministic_and_a_valid_folder(tmp_path):
-    meta, _ = data.make_scenes(str(tmp_path / "a"), 6, res=16, seed=3, heldout=2,
-                               views="-20:0,10:5", verbose=False)
-    data.make_scenes(str(tmp_path / "b"), 6, res=16, seed=3, verbose=False)
-    assert meta["radius"] == data.SCENE_RADIUS and len(meta["views"]) == 2
-    for i in range(6):
-        a = np.asarray(Image.open(tmp_path / "a" / f"{i:06d}.png"))
-        assert np.array_equal(a, np.asarray(Image.open(tmp_path / "b" / f"{i:06d}.png")))
-    ds = ImageFolder(str(tmp_path / "a"), 16, verbose=False)   # _heldout is not scanned
-    assert len(ds) == 6 and ds.use_depth
-    held = ImageFolder(str(tmp_path / "a" / "_heldout"), 16, verbose=False)
-    assert len(held) == 2
-    view = tmp_path / "a" / "_heldout" / "_views" / "000006" / "yaw+10_pitch+5"
-    assert np.load(str(view) + ".npy").shape == (16, 16)
-    assert not np.array_equal(np.asarray(Image.open(str(view) + ".png")),
-                              np.asarray(Image.open(tmp_path / "a" / "_heldout" / "000006.png")))
-    assert data.read_scene_meta(str(tmp_path / "a"))["fov_deg"] == data.SCENE_FOV
-
-
 def test_cli_errors_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
-    for args in (["info", str(tmp_path / "empty")], ["scenes", str(tmp_path / "x"), "--n", "0"],
-                 ["scenes", str(tmp_path / "y"), "--heldout", "1", "--views", "left"]):
-        p = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), *args],
+    for script, *args in (["data.py", "info", str(tmp_path / "empty")],
+                          ["scenes.py", str(tmp_path / "x"), "--n", "0"],
+                          ["scenes.py", str(tmp_path / "y"), "--heldout", "1", "--views", "left"]):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, script), *args],
                            capture_output=True, text=True)
         assert p.returncode == 2, p.stderr
         assert "Traceback" not in p.stderr and p.stderr.strip().startswith("error:")
         assert len(p.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------- phone photos
+def test_exif_rotated_jpeg_and_its_depth_map_line_up_in_data_and_sample(tmp_path):
+    """A phone JPEG stored sideways (40 wide, 20 high) with EXIF orientation 6 is shown upright
+    (20 wide, 40 high). Its depth map is upright too. data.py and sample.py must both turn the
+    picture, accept the map (same aspect ratio) and return the same tensors."""
+    import types
+
+    import sample as S
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = (255, 0, 0)                      # stored left half red ...
+    stored[:, 20:] = (0, 0, 255)                      # ... right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6                                  # "rotate 90 degrees clockwise to view"
+    (tmp_path / "depth").mkdir()
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    # Upright, the stored left half is the top half; the depth map grows from top to bottom.
+    depth = np.repeat(np.linspace(1.0, 5.0, 40, dtype=np.float32)[:, None], 20, 1)   # (40, 20)
+    np.save(tmp_path / "depth" / "phone.npy", depth)
+    ds = ImageFolder(str(tmp_path), 16, depth=True, verbose=False)
+    item = ds[0]
+    img = item["image"]                                                    # (3, 16, 16)
+    assert img[0, :6].mean() > 0.8 and img[2, :6].mean() < -0.8           # top: red
+    assert img[2, -6:].mean() > 0.8 and img[0, -6:].mean() < -0.8         # bottom: blue
+    d = item["depth"][0]
+    assert (d[1:, 0] >= d[:-1, 0]).all() and d[-1, 0] > d[0, 0]           # farther downwards
+    model = types.SimpleNamespace(config=dict(res=16, depth_input=False))   # what it reads
+    image, dep = S.load_photo(str(tmp_path / "phone.jpg"), model, "cpu")
+    assert torch.equal(image[0], img) and torch.equal(dep[0], item["depth"])

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 
 import autoencoder as ae
-import data
 import diffusion as D
+import scenes
 from data import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +29,7 @@ LDM_MICRO = ["--preset", "tiny", "--ch", "16", "--ch-mult", "1,2", "--attn-res",
 def ae_ckpt(tmp_path_factory):
     """A 2-step micro autoencoder on 6 scenes in two class folders (a/, b/)."""
     root = tmp_path_factory.mktemp("ae")
-    data.make_scenes(str(root / "raw"), 6, res=16, aa=1, verbose=False)
+    scenes.make_scenes(str(root / "raw"), 6, res=16, aa=1, verbose=False)
     for i, f in enumerate(sorted(f for f in os.listdir(root / "raw") if f.endswith(".png"))):
         os.makedirs(root / "imgs" / "ab"[i % 2], exist_ok=True)
         shutil.copy(root / "raw" / f, root / "imgs" / "ab"[i % 2] / f)

@@ -1,11 +1,23 @@
-"""sample.py: every mode writes the files it promises, NFS on analytic depth maps, bad inputs."""
+"""sample.py: every mode writes the files it promises, and what they show is the model's render
+(grids, GIFs, the viewer's sprites, in a real browser too); NFS on analytic depth maps; the
+interpolation's ends; FID's default real folder; bad inputs."""
+import base64
+import io
 import os
+import re
+import shutil
+import subprocess
+import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import autoencoder as ae
 import diffusion as D
+import render
 import sample as S
 from data import UserError
 from test_diffusion import LDM_MICRO, ae_ckpt  # noqa: F401  (the micro autoencoder fixture)
@@ -24,10 +36,14 @@ def run(ae_path, ldm_path, out, *extra):
     return S.main(base + (["--ldm", ldm_path] if ldm_path else []) + list(extra))
 
 
-def photo(ae_path):
+def photo(ae_path, k=0):
     root = os.path.dirname(os.path.dirname(ae_path))            # the fixture's folder
     folder = os.path.join(root, "imgs", "a")
-    return os.path.join(folder, sorted(os.listdir(folder))[0])
+    return os.path.join(folder, sorted(os.listdir(folder))[k])
+
+
+def png(path):
+    return np.asarray(Image.open(path).convert("RGB"))
 
 
 def test_generate_writes_grids_turntables_and_point_clouds(ae_ckpt, ldm_ckpt, tmp_path):  # noqa
@@ -36,8 +52,17 @@ def test_generate_writes_grids_turntables_and_point_clouds(ae_ckpt, ldm_ckpt, tm
     gif = Image.open(out["gifs"][0])
     assert gif.n_frames == 4 and gif.size == (2 * 192, 192)     # RGB | depth, upscaled 16 -> 192
     assert Image.open(tmp_path / "multiview.png").size == (10 * 16, 2 * 16)
-    assert Image.open(tmp_path / "grid.png").size == (2 * 16, 16)
     assert os.path.isfile(tmp_path / "turntable_000_strip.png")
+    # The grid is the samples' latents decoded and rendered from P0, in order.
+    model = ae.load(ae_ckpt)
+    p0 = model.render(model.decode(out["z"]), model.P0(2))["image"]
+    expect = np.concatenate(list(S.to_uint8(p0)), 1)                          # (16, 32, 3)
+    assert np.abs(png(tmp_path / "grid.png").astype(int) - expect).max() <= 1
+    # The turntable turns: the camera moves between frames 0 and 1 (yaw 0 -> 25 deg).
+    gif.seek(0)
+    f0 = np.asarray(gif.convert("RGB")).astype(int)
+    gif.seek(1)
+    assert np.abs(np.asarray(gif.convert("RGB")).astype(int) - f0).max() > 0
     with open(tmp_path / "points_000.ply") as f:
         lines = f.read().splitlines()
     n = int(next(ln for ln in lines if ln.startswith("element vertex")).split()[-1])
@@ -60,19 +85,110 @@ def test_point_cloud_unprojects_depth_to_the_right_distance():
 
 
 def test_novel_views_of_a_photo_need_no_diffusion_model(ae_ckpt, tmp_path):  # noqa: F811
-    gif = run(ae_ckpt, None, tmp_path, "--image", photo(ae_ckpt))
-    assert Image.open(gif).n_frames == 4
-    assert os.path.isfile(gif.replace("_turntable.gif", "_views.png"))
+    out = run(ae_ckpt, None, tmp_path, "--image", photo(ae_ckpt))
+    assert Image.open(out["gif"]).n_frames == 4
+    # The views grid starts with the photo itself, as the model reads it.
+    first = png(out["png"])[:16, :16]
+    assert np.array_equal(first, S.to_uint8(out["image"])[0])
 
 
 def test_interpolation_and_resampling(ae_ckpt, ldm_ckpt, tmp_path):  # noqa: F811
-    gif = run(ae_ckpt, ldm_ckpt, tmp_path, "--interp-seeds", "1", "2")
-    assert Image.open(gif).n_frames == 4
-    gif = run(ae_ckpt, ldm_ckpt, tmp_path, "--interp", photo(ae_ckpt), photo(ae_ckpt))
-    assert Image.open(gif).n_frames == 4
-    png = run(ae_ckpt, ldm_ckpt, tmp_path, "--resample", photo(ae_ckpt), "--strength",
-              "0.2,0.8", "--n", "3")
-    assert Image.open(png).size == ((3 + 2) * 16, 2 * 16)   # input | recon | 3 variants, 2 rows
+    out = run(ae_ckpt, ldm_ckpt, tmp_path, "--interp-seeds", "1", "2")
+    assert Image.open(out["gif"]).n_frames == 4
+    # Seeds: the ends are those seeds' Gaussian noises, and the frames go from one to the other.
+    g = torch.randn((1, *out["z"].shape[1:]), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out["ends"][0], g) and not torch.equal(out["ends"][0], out["ends"][1])
+    # Photos: each end is the inverse-DDIM noise of its photo, so the two ends differ, and
+    # DDIM from that noise (frame 0) comes back near photo a's latent rather than photo b's.
+    a, b = photo(ae_ckpt, 0), photo(ae_ckpt, 1)
+    out = run(ae_ckpt, ldm_ckpt, tmp_path, "--interp", a, b, "--steps", "20")
+    model, ldm = S.load_models(ae_ckpt, ldm_ckpt, torch.device("cpu"))
+    za, zb = (model.encode(S.load_photo(p, model, "cpu")[0]) for p in (a, b))
+    assert torch.allclose(out["ends"][0], D.ddim_invert(ldm, za, 20))
+    assert (out["z"][0] - za).norm() < (out["z"][0] - zb).norm()
+    assert (out["z"][-1] - zb).norm() < (out["z"][-1] - za).norm()
+    path = run(ae_ckpt, ldm_ckpt, tmp_path, "--resample", photo(ae_ckpt), "--strength",
+               "0.2,0.8", "--n", "3")
+    assert Image.open(path).size == ((3 + 2) * 16, 2 * 16)  # input | recon | 3 variants, 2 rows
+
+
+def test_fid_compares_with_the_training_folder_by_default(ae_ckpt, ldm_ckpt, tmp_path,  # noqa
+                                                         monkeypatch):
+    """Without --real, FID/KID use the folder the autoencoder was trained on (a stand-in for
+    torch-fidelity records what it is asked; nothing is downloaded)."""
+    calls = []
+
+    def calculate_metrics(input1, input2, **kw):
+        calls.append((input1, input2))
+        return dict(frechet_inception_distance=1.0, kernel_inception_distance_mean=0.5)
+    monkeypatch.setitem(sys.modules, "torch_fidelity",
+                        types.SimpleNamespace(calculate_metrics=calculate_metrics))
+    out = run(ae_ckpt, ldm_ckpt, tmp_path, "--n", "2", "--metrics")
+    assert calls and calls[0][1] == ae.load(ae_ckpt).trained_on
+    assert len(os.listdir(calls[0][0])) == 2 and out["metrics"]["fid"] == 1.0
+
+
+# ------------------------------------------------------------------------------ the viewer
+@pytest.fixture(scope="module")
+def viewer(ae_ckpt, ldm_ckpt, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("viewer")
+    result = run(ae_ckpt, ldm_ckpt, out, "--n", "2", "--viewer")
+    return str(out / "viewer.html"), result
+
+
+def sprites(html):
+    """{img id: uint8 array} of the data: URI images embedded in the page."""
+    found = re.findall(r'<img id="(\w+)" alt="" src="data:image/png;base64,([^"]+)">', html)
+    return {k: np.asarray(Image.open(io.BytesIO(base64.b64decode(v))).convert("RGB"))
+            for k, v in found}
+
+
+def test_viewer_is_offline_and_holds_the_rendered_grid(viewer, ae_ckpt):  # noqa: F811
+    path, result = viewer
+    html = open(path).read()
+    # Nothing to fetch: no URL, no external script, style sheet or font (outside the images'
+    # own base64 data, which may contain any letters).
+    text = re.sub(r"(data:image/png;base64,)[A-Za-z0-9+/=]+", r"\1", html)
+    assert not re.search(r"https?:|//[a-z]|<link|@import|url\(|src=\"(?!data:)", text, re.I)
+    imgs = sprites(html)
+    assert sorted(imgs) == ["depth0", "depth1", "rgb0", "rgb1"]
+    Y, P = len(S.VIEWER_YAWS), len(S.VIEWER_PITCHES)
+    for im in imgs.values():
+        assert im.shape == (P * 16, Y * 16, 3)
+    # A known cell is the renderer's output for that camera: sample 1, pitch row 1, yaw col 11.
+    model = ae.load(ae_ckpt)
+    planes = model.decode(result["z"][1:2])
+    cam = render.orbit_camera(S.VIEWER_YAWS[11:12], S.VIEWER_PITCHES[1:2],
+                              model.config["radius"])
+    expect = S.to_uint8(S.render_frames(model, planes, cam)[0])[0].astype(int)
+    cell = lambda j, i: imgs["rgb1"][16 * j:16 * j + 16, 16 * i:16 * i + 16].astype(int)
+    # (to the last bit but for float sums: the sprite rendered 16 views per batch, this one)
+    assert np.abs(cell(1, 11) - expect).max() <= 1
+    assert all(np.abs(cell(j, i) - expect).max() > 1 for j, i in [(1, 10), (1, 12), (0, 11)])
+    # and depth is not a flat map
+    assert imgs["depth1"].std() > 1
+
+
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which(
+    "google-chrome")
+
+
+def screenshot(url, path):
+    subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=640,720", f"--screenshot={path}", url],
+                   capture_output=True, timeout=120, check=True)
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no headless browser: apt-get install chromium")
+def test_viewer_renders_in_a_real_browser(viewer, tmp_path):
+    """Load the page in headless Chromium from two URL fragments: it is not blank, and the two
+    views differ where the scene is drawn."""
+    url = "file://" + os.path.abspath(viewer[0])
+    a = screenshot(url + "#yaw=-30&pitch=15&sample=0", tmp_path / "a.png")
+    b = screenshot(url + "#yaw=30&pitch=-15&sample=1&depth=1", tmp_path / "b.png")
+    assert a.shape == b.shape and a.std() > 10
+    assert np.abs(a - b).mean() > 1
 
 
 def test_nfs_of_flat_and_ramp_depth():
