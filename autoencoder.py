@@ -9,7 +9,7 @@ it must look real to a discriminator (adversarial loss). Stage 2 (diffusion.py) 
 generate z. No camera poses are ever needed: everything lives in view space (README,
 Conventions).
 
-    python autoencoder.py --preset tiny                       # laptop CPU, ~8 min, synthetic
+    python autoencoder.py --preset tiny                       # 2-core CPU: 8-27 min (README)
     python autoencoder.py --data photos/ --out runs/ae        # one GPU, 256 px
     python autoencoder.py --data photos/ --amp bf16 --compile # bf16 + torch.compile, CUDA
     torchrun --nproc_per_node=4 autoencoder.py --data photos/ # 4 GPUs, data parallel
@@ -567,8 +567,8 @@ PRESETS = {
                  dec_heads=8, plane_ch=32, plane_res=128, hidden=64, feat_ch=32, up_ch=64,
                  n_coarse=48, n_fine=48, batch=16, lr=2e-4, steps=200_000, disc_ch=64,
                  n_scenes=20000, every=1000, adv_weight=0.05),
-    # A laptop CPU in ~8 minutes (2 cores): 32 px, z 4x8x8, everything small. 3000 steps, as at
-    # 1500 two seeds differed by 0.75 dB and at 3000 by 0.03 dB. No adversarial loss: at this
+    # A laptop CPU: 8-27 min on 2 cores (README): 32 px, z 4x8x8, everything small. 3000
+    # steps, as at 1500 two seeds differed by 0.75 dB and at 3000 by 0.03 dB. No adversarial loss: at this
     # budget it cost 2.6 dB of novel-view PSNR and added colour artefacts (README, ablation);
     # --adv-weight 0.02 switches it back on.
     "tiny": dict(res=32, render_res=32, z_res=8, z_ch=4, enc_ch=32, dec_dim=96, dec_depth=2,
@@ -690,9 +690,9 @@ def lr_at(step, args):
     """The autoencoder's learning rate at STEP: --lr, or with --lr-decay cosine a half cosine
     from --lr down to --lr / 10 at --steps (nanoGPT's schedule, without warm-up).
 
-    Decaying lets long runs settle instead of jumping around a minimum; in a 1500-step run of the tiny
-    preset it did not help, so it is off by default. A function of the step alone, so --resume
-    continues the same curve (as long as --steps is unchanged).
+    Decaying lets long runs settle instead of jumping around a minimum; in a 1500-step run of
+    the tiny preset it did not help, so it is off by default. A function of the step alone, so
+    --resume continues the same curve (as long as --steps is unchanged).
     """
     if args.lr_decay == "none":
         return args.lr

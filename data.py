@@ -122,11 +122,15 @@ def load_depth(path, res, image_size):
     bicubic) would invent depths *between* a foreground edge and the background behind it,
     i.e. floating points in mid-air that the depth loss would then teach the model.
     """
-    if path.endswith(".npy"):
-        d = np.load(path, allow_pickle=False)      # never unpickle: the file is untrusted
-    else:
-        with Image.open(path) as img:
-            d = np.asarray(img)
+    try:
+        if path.endswith(".npy"):
+            d = np.load(path, allow_pickle=False)  # never unpickle: the file is untrusted
+        else:
+            with Image.open(path) as img:
+                d = np.asarray(img)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"{path}: cannot read this depth map ({type(e).__name__}: {e}); "
+                        f"regenerate it with `python data.py depth` or delete it")
     d = np.asarray(d, dtype=np.float32).squeeze()
     if d.ndim != 2:
         raise UserError(f"{path}: depth map must be a single-channel (H, W) array, got shape "
@@ -371,7 +375,8 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("depth", help="monocular depth maps for a folder -> ROOT/depth/")
     d.add_argument("root")
-    d.add_argument("--model", default="midas", choices=["midas", "depth-anything"])
+    d.add_argument("--model", default="midas", choices=["midas", "depth-anything"],
+                   help=DEPTH_MODELS)
     d.add_argument("--overwrite", action="store_true")
     i = sub.add_parser("info", help="load a folder as the training scripts would, and summarise")
     i.add_argument("root")

@@ -8,7 +8,7 @@ into a triplane and rendered, is a new 3D scene. Nothing here is 3D-specific: th
 decoder. What diffusion buys over a 3D GAN is *coverage*: the model is trained to denoise every
 training latent, so it cannot drop modes of the data the way a generator can (paper Sec. 1, 4).
 
-    python diffusion.py --ae runs/ae-tiny/ckpt.pt --preset tiny     # laptop CPU, ~6 min
+    python diffusion.py --ae runs/ae-tiny/ckpt.pt --preset tiny     # 2-core CPU: 5-20 min
     python diffusion.py --ae runs/ae/ckpt.pt --out runs/ldm         # one GPU
     torchrun --nproc_per_node=4 diffusion.py --ae runs/ae/ckpt.pt   # 4 GPUs, data parallel
     python diffusion.py --toy                                       # 8 Gaussians: mode coverage
@@ -535,7 +535,7 @@ PRESETS = {
     # One GPU, z 4x32x32 (the base autoencoder): 3 levels 32-16-8, attention at 16 and 8.
     "base": dict(ch=128, ch_mult="1,2,2", num_res=2, attn_res="16,8", heads=4, dropout=0.1,
                  batch=64, lr=1e-4, steps=200_000, ema=0.9999, every=5000),
-    # A laptop CPU in a few minutes, z 4x8x8 (the tiny autoencoder).
+    # A laptop CPU: 5-20 min on 2 cores (README), z 4x8x8 (the tiny autoencoder).
     "tiny": dict(ch=32, ch_mult="1,2", num_res=1, attn_res="4", heads=2, dropout=0.0,
                  batch=64, lr=5e-4, steps=8000, ema=0.999, every=2000),
 }

@@ -3,7 +3,7 @@ sample.py -- generate 3D scenes with a trained WildFusion, look at them, and run
 applications (Sec. 4): novel views of a photo, 3D-aware interpolation, generative resampling,
 geometry export, and the metrics.
 
-    python sample.py --demo                                        # everything, tiny, CPU ~15 min
+    python sample.py --demo                                    # everything, tiny: 14-49 min, 2 cores
     python sample.py --ae runs/ae/ckpt.pt --ldm runs/ldm/ckpt.pt --n 16 --out samples/
     python sample.py --ae A --ldm L --class dog --cfg 3             # class-conditional + guidance
     python sample.py --ae A --image photo.jpg                      # novel views of one photo
@@ -187,7 +187,7 @@ def turntable(ae_model, planes, path, args):
 # images (RGB and depth), cell (row j, column i) = the view from (yaw_i, pitch_j). The page holds
 # them as base64 data: URIs and a few lines of JavaScript pick the cell nearest to the mouse
 # position. No network: nothing is fetched, so the file opens from disk in any browser.
-VIEWER_YAWS = torch.linspace(-30, 30, 15)             # degrees, columns of a sprite
+VIEWER_YAWS = torch.linspace(-30, 30, 13)             # degrees, 5 apart: sprite columns
 VIEWER_PITCHES = torch.linspace(15, -15, 5)           # degrees, rows (top row: camera above)
 
 
@@ -328,7 +328,8 @@ def write_viewer(ae_model, scenes, path, title="samples", res=None):
     html = VIEWER_HTML
     for key, value in dict(TITLE=html_escape(title), RES=str(res), IMAGES="\n".join(images),
                            YAWS=fmt(VIEWER_YAWS), PITCHES=fmt(VIEWER_PITCHES),
-                           NAMES=json.dumps([name for name, _ in scenes]),
+                           # (a file name must not be able to close the <script> tag)
+                           NAMES=json.dumps([name for name, _ in scenes]).replace("</", "<\\/"),
                            NY=str(len(VIEWER_YAWS)), NP=str(len(VIEWER_PITCHES)),
                            YMIN=f"{VIEWER_YAWS.min():g}", YMAX=f"{VIEWER_YAWS.max():+g}",
                            PMIN=f"{VIEWER_PITCHES.min():g}",
@@ -478,7 +479,8 @@ def resample_photo(ae_model, ldm, args, device):
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def point_cloud(ae_model, planes, yaws=(-20.0, 0.0, 20.0), min_opacity=0.5):
-    """Unproject the rendered depth of a few views into world points (view space: README, Conventions).
+    """Unproject the rendered depth of a few views into world points (view space: README,
+    Conventions).
 
     A pixel's ray has unit direction d; z-depth D is the distance along the optical axis f, so
     the point is o + d * D / (d . f). Only pixels whose ray is mostly absorbed (opacity above
@@ -793,8 +795,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.n is not None and args.n < 1:
         raise UserError("--n must be at least 1")
-    if args.frames < 2 or args.steps < 1:
-        raise UserError("--frames must be at least 2 and --steps at least 1")
+    if args.frames < 2 or args.steps < 1 or args.fps < 1:
+        raise UserError("--frames must be at least 2, --steps and --fps at least 1")
     return args
 
 

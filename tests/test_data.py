@@ -156,6 +156,9 @@ def test_bad_depth_maps(tmp_path):
     np.save(tmp_path / "depth" / "img2.npy", np.ones((2, 24, 24), np.float32))
     with pytest.raises(UserError, match="img2.npy.*single-channel"):
         ImageFolder(str(tmp_path), 16, verbose=False)
+    (tmp_path / "depth" / "img2.npy").write_bytes(b"not an npy file")    # the depth file is named
+    with pytest.raises(UserError, match="img2.npy: cannot read this depth map"):
+        ImageFolder(str(tmp_path), 16, verbose=False)
     with pytest.raises(UserError, match="depth maps are required"):
         make_folder(tmp_path / "nodepth", n=1)
         ImageFolder(str(tmp_path / "nodepth"), 16, depth=True, verbose=False)

@@ -219,5 +219,7 @@ def test_bad_inputs_are_one_clear_error(ae_ckpt, ldm_ckpt, tmp_path):  # noqa: F
         run(str(other), ldm_ckpt, tmp_path)
     with pytest.raises(UserError, match="this model knows a, b"):
         run(ae_ckpt, ldm_ckpt, tmp_path, "--class", "zebra")
+    with pytest.raises(UserError, match="--fps at least 1"):
+        run(ae_ckpt, ldm_ckpt, tmp_path, "--fps", "0")
     with pytest.raises(UserError, match="strength"):
         run(ae_ckpt, ldm_ckpt, tmp_path, "--resample", photo(ae_ckpt), "--strength", "2")
