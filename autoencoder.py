@@ -701,9 +701,15 @@ def lr_at(step, args):
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def default_data_root(res):
+    """Where the synthetic scenes for a model of `res` px live: rendered at >= 64 px, so a 32 px
+    model's data can be shared with a 64 px one."""
+    return os.path.join("data", f"scenes-{max(res, 64)}")
+
+
 def default_data(args):
     """The synthetic scenes, rendered once at the preset's resolution and reused."""
-    root = os.path.join("data", f"scenes-{max(args.res, 64)}")
+    root = default_data_root(args.res)
     meta = scenes.read_scene_meta(root)
     if meta is None or meta["n"] < args.n_scenes:
         if is_main():
@@ -1035,7 +1041,7 @@ def main(argv=None):
         if args.threads:
             torch.set_num_threads(args.threads)
         model = load(args.eval)
-        root = args.data or os.path.join("data", f"scenes-{max(model.config['res'], 64)}")
+        root = args.data or default_data_root(model.config["res"])
         out = os.path.join(os.path.dirname(args.eval), "eval_views.png")
         r = evaluate(model, root, save=out)
         print(f"held-out novel views of {root} ({r['scenes']} scenes):")

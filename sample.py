@@ -453,10 +453,7 @@ def resample_photo(ae_model, ldm, args, device):
     """Generative resampling: one row per strength: input | reconstruction | variants."""
     image, depth = load_photo(args.resample, ae_model, device)
     z = ae_model.encode(image, depth)                                      # (1, C, h, w)
-    try:
-        strengths = [float(s) for s in str(args.strength).split(",")]
-    except ValueError:
-        raise UserError(f"--strength {args.strength!r}: expected numbers in [0, 1], e.g. 0.3,0.6")
+    strengths = args.strengths
     n = args.n or 6
     g = torch.Generator(device=device).manual_seed(args.seed)
     rows = []
@@ -654,7 +651,7 @@ def estimate_demo(ae_args, ldm_args, args, data_root):
     frame = seconds_per_call(lambda: render_frames(model, planes, cams)) / 16
     n, F_, S = args.n, args.frames, args.steps
     evals = (S * math.ceil(n / 16) + S * math.ceil(F_ / 16) +           # samples, interpolation
-             sum(math.ceil(float(s) * S) for s in str(args.strength).split(",")))  # resampling
+             sum(math.ceil(s * S) for s in args.strengths))                  # resampling
     frames = (n * (1 + 5 + F_) + (n + 1) * len(VIEWER_YAWS) * len(VIEWER_PITCHES) +  # viewer
               2 * F_ + 64 * 7)                 # interpolation, novel views, held-out evaluation
     est["sampling"] = (evals * unet + frames * frame,
@@ -677,7 +674,7 @@ def demo(args):
                           (["--resume"] if os.path.isfile(ae_path) else []))
     ldm_args = diffusion.get_args(["--preset", "tiny", "--ae", ae_path, "--out", ldm_dir,
                                    *threads] + (["--resume"] if os.path.isfile(ldm_path) else []))
-    data_root = os.path.join("data", f"scenes-{max(ae_args.res, 64)}")
+    data_root = ae.default_data_root(ae_args.res)
 
     # The plan, with times from a short warm-up on this machine.
     print("WildFusion demo: synthetic 3D scenes -> 3D-aware autoencoder -> latent diffusion -> "
@@ -693,7 +690,7 @@ def demo(args):
     t0 = time.time()
     if "scenes" in est:
         print(f"== scenes: rendering into {data_root} (python scenes.py) ==")
-        scenes.make_scenes(data_root, ae_args.n_scenes, res=max(ae_args.res, 64), heldout=64)
+        ae.default_data(ae_args)                 # the same call autoencoder.py makes itself
         took["scenes"] = time.time() - t0
     print(f"== stage 1: the 3D-aware autoencoder (python autoencoder.py --preset tiny "
           f"--out {ae_dir}) ==")
@@ -797,6 +794,11 @@ def get_args(argv=None):
         raise UserError("--n must be at least 1")
     if args.frames < 2 or args.steps < 1 or args.fps < 1:
         raise UserError("--frames must be at least 2, --steps and --fps at least 1")
+    try:
+        args.strengths = [float(s) for s in str(args.strength).split(",")]
+        assert all(0 <= s <= 1 for s in args.strengths)
+    except (ValueError, AssertionError):
+        raise UserError(f"--strength {args.strength!r}: expected numbers in [0, 1], e.g. 0.3,0.6")
     return args
 
 

@@ -223,3 +223,22 @@ def test_bad_inputs_are_one_clear_error(ae_ckpt, ldm_ckpt, tmp_path):  # noqa: F
         run(ae_ckpt, ldm_ckpt, tmp_path, "--fps", "0")
     with pytest.raises(UserError, match="strength"):
         run(ae_ckpt, ldm_ckpt, tmp_path, "--resample", photo(ae_ckpt), "--strength", "2")
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_with_shortened_presets(tmp_path, monkeypatch):
+    """The demo's whole path (plan, scenes, both stages, sampling, viewer, evaluation, summary)
+    with the tiny presets cut to a few steps; about a minute on 2 cores, so marked slow."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(ae.PRESETS, "tiny", dict(ae.PRESETS["tiny"], steps=4, n_scenes=12,
+                                                 every=2))
+    monkeypatch.setitem(D.PRESETS, "tiny", dict(D.PRESETS["tiny"], steps=4, every=2))
+    out = S.main(["--demo", "--frames", "4", "--n", "2", "--steps", "3"])
+    assert set(out["took"]) == set(out["estimate"]) == {"scenes", "autoencoder", "diffusion",
+                                                        "sampling"}
+    assert all(v > 0 for v in out["estimate"].values())
+    assert out["eval"]["scenes"] == 64 and out["metrics"]["n"] == 2
+    assert len(sprites(open(out["viewer"]).read())) == 2 * 3        # 2 samples + the photo
+    again = S.main(["--demo", "--frames", "4", "--n", "2", "--steps", "3"])   # resumes: no
+    assert "scenes" not in again["took"]                                  # scenes to render
+    assert again["estimate"]["autoencoder"] == 0 == again["estimate"]["diffusion"]
