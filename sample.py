@@ -133,12 +133,17 @@ def render_frames(ae_model, planes, cams, chunk=16, res=None):
     return torch.cat(images), torch.cat(depths)
 
 
-def side_by_side(images, depths):
-    """RGB | colour-mapped depth, one frame each: (F, 3, H, 2W) in [-1, 1]. The depth colours
-    use one range for the whole sequence, so a change of colour is a change of depth."""
+def depth_colours(depths, size):
+    """Depth maps (F, 1, h, w) -> colour images (F, 3, size, size) in [-1, 1] on ONE range for
+    the whole sequence, so a change of colour is a change of depth (near = dark)."""
     disp = 1.0 / depths.clamp_min(1e-3)
     cmap = ae.colorize_depth(depths, disp.quantile(0.02), disp.quantile(0.98))
-    return torch.cat([images, F.interpolate(cmap, size=images.shape[-1], mode="nearest")], -1)
+    return F.interpolate(cmap, size=size, mode="nearest")
+
+
+def side_by_side(images, depths):
+    """RGB | colour-mapped depth, one frame each: (F, 3, H, 2W) in [-1, 1]."""
+    return torch.cat([images, depth_colours(depths, images.shape[-1])], -1)
 
 
 def to_uint8(x):
@@ -202,13 +207,12 @@ def viewer_sprites(ae_model, planes, yaws=VIEWER_YAWS, pitches=VIEWER_PITCHES, r
     """One scene (1, 3, C, R, R) -> RGB and depth sprites, uint8 (P * res, Y * res, 3) each."""
     cams = viewer_cameras(yaws, pitches, ae_model.config["radius"])
     images, depths = render_frames(ae_model, planes, cams, res=res)           # (P*Y, 3, H, W)
-    both = side_by_side(images, depths)                                        # (P*Y, 3, H, 2W)
     P, Y, W = len(pitches), len(yaws), images.shape[-1]
 
     def sprite(x):                                     # (P*Y, 3, H, W) -> (P*H, Y*W, 3)
         return to_uint8(x).reshape(P, Y, W, W, 3).transpose(0, 2, 1, 3, 4).reshape(
             P * W, Y * W, 3)
-    return sprite(both[..., :W]), sprite(both[..., W:])
+    return sprite(images), sprite(depth_colours(depths, W))
 
 
 def png_data_uri(arr):
@@ -374,9 +378,8 @@ def generate(ae_model, ldm, args, device):
     for i in tqdm(range(args.n), desc="rendering", leave=False):
         images, depths = render_frames(ae_model, planes[i:i + 1],
                                        render.orbit_camera(yaws, torch.zeros(5), radius))
-        both = side_by_side(images, depths)                              # (5, 3, H, 2W)
-        W = images.shape[-1]
-        rows.append(torch.cat([*both[..., :W], *both[..., W:]], -1))     # (3, H, 10W)
+        cmap = depth_colours(depths, images.shape[-1])                   # (5, 3, H, W)
+        rows.append(torch.cat([*images, *cmap], -1))                     # (3, H, 10W)
     written.append(save_grid(torch.stack(rows), os.path.join(args.out, "multiview.png"), 1))
     gifs = [turntable(ae_model, planes[i:i + 1], os.path.join(args.out, f"turntable_{i:03d}.gif"),
                       args) for i in tqdm(range(args.n), desc="turntables", leave=False)]
