@@ -30,6 +30,7 @@ Map of the file:
     9. training            presets, data order, checkpoints, the loop
 """
 import argparse
+import functools
 import math
 import os
 import time
@@ -614,7 +615,9 @@ def get_args(argv=None):
     a("--pitch-range", type=float, default=15.0, help="novel views: pitch in +-this, degrees")
     # optimisation
     a("--steps", type=int, default=None)
-    a("--batch", type=int, default=None, help="images per step, over all processes")
+    a("--batch", type=int, default=None, help="images per micro-batch, over all processes")
+    a("--accum", type=int, default=1, help="micro-batches accumulated per optimiser step "
+      "(effective batch: --batch x --accum; one card with --accum 4 = four cards)")
     a("--lr", type=float, default=None)
     a("--grad-clip", type=float, default=1.0, help="clip the gradient norm; 0 disables")
     a("--lr-decay", default="none", choices=["none", "cosine"],
@@ -626,19 +629,28 @@ def get_args(argv=None):
     add_runtime_args(p, "the networks")
     args = apply_preset(p.parse_args(argv), PRESETS)
     args.out = args.out or f"runs/ae-{args.preset}"
+    if args.workers is None:
+        args.workers = 4 if args.device.startswith("cuda") else 0
     if args.adv_start is None:
         args.adv_start = args.steps // 3
     return args
 
 
 def add_runtime_args(p, what):
-    """Flags every training script shares: seed, device, precision, compilation, threads."""
+    """Flags every training script shares: seed, device, precision, compilation, threads,
+    data loading, logging."""
     a = p.add_argument
     a("--seed", type=int, default=0)
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast (CUDA)")
-    a("--compile", action="store_true", help=f"torch.compile {what} (CUDA)")
+    a("--amp", default="none", choices=["none", "bf16"],
+      help="bf16 autocast on the device (CUDA or CPU)")
+    a("--compile", action="store_true", help=f"torch.compile {what} (CUDA or CPU; the first "
+      "steps are slow while it compiles)")
     a("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    a("--workers", type=int, default=None, help="data-loading processes (default: 4 on CUDA, "
+      "0 on a CPU, where they would take cores from training)")
+    a("--log-every", type=int, default=10, help="read the losses from the device and show "
+      "them every N steps")
 
 
 def apply_preset(args, presets):
@@ -655,8 +667,9 @@ def check_args(args):
         if not ok:
             raise UserError(msg)
     pow2 = lambda x: x > 0 and (x & (x - 1)) == 0
-    need(args.steps > 0 and args.batch > 0 and args.every > 0,
-         "--steps, --batch and --every must be positive")
+    for name in ("steps", "batch", "accum", "every", "log_every"):
+        need(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive")
+    need(args.workers >= 0, "--workers must be >= 0")
     need(args.batch % world() == 0,
          f"--batch {args.batch} must be divisible by the {world()} processes")
     need(args.res % args.z_res == 0 and pow2(args.res // args.z_res),
@@ -674,8 +687,6 @@ def check_args(args):
          "loss weights must be >= 0")
     need(args.device == "cpu" or torch.cuda.is_available(),
          f"--device {args.device}: CUDA is not available here; use --device cpu")
-    need(args.amp == "none" or args.device.startswith("cuda"),
-         "--amp bf16 is for CUDA; on a CPU train in float32 (leave --amp out)")
 
 
 def model_config(args):
@@ -712,6 +723,12 @@ def default_data(args):
     root = default_data_root(args.res)
     meta = scenes.read_scene_meta(root)
     if meta is None or meta["n"] < args.n_scenes:
+        if world() > 1:
+            # Rendering is one process's work (20k scenes: most of an hour, README); the other
+            # processes would wait on it in a collective that times out after 10 minutes.
+            raise UserError(f"no --data given and {root} has no scenes yet: render them once "
+                            f"before torchrun, `python scenes.py {root} --n {args.n_scenes} "
+                            f"--res {max(args.res, 64)} --heldout 64`, or pass --data")
         if is_main():
             print(f"no --data given: rendering {args.n_scenes} synthetic scenes into {root} "
                   f"(once; later runs reuse them)")
@@ -753,7 +770,8 @@ def all_reduce_grads(params):
     """Data parallelism, written out: average the gradients of all processes with one
     all-reduce over a flat buffer. (nn.parallel.DistributedDataParallel does the same, bucketed
     and overlapped with backward, but it only hooks a module's forward(); our model is called
-    through encode/decode/render, so the plain version is both simpler and correct here.)"""
+    through encode/decode/render, so the plain version is both simpler and correct here.)
+    Called once per optimiser step, after all --accum micro-batches (optimiser_step)."""
     if world() == 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -764,18 +782,59 @@ def all_reduce_grads(params):
         p.grad = g.view_as(p)
 
 
-def batch_indices(step, n, batch, seed):
-    """The data indices this process uses at `step`: a fresh permutation of the data set per
-    epoch, seeded by (seed, epoch), and a slice of the global batch per process. A pure function
-    of the step, so a resumed run sees exactly the batches an uninterrupted one would."""
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed, epoch, n):
+    """One epoch's data order, from (seed, epoch) alone: a permutation of 0..n-1 (n,) and a
+    mirror bit per position (n,). Cached: a step needs only its epoch (or two at the seam)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist(), (torch.rand(n, generator=g) < 0.5).tolist()
+
+
+def batch_indices(step, n, batch, seed, micro=0, accum=1):
+    """(index, mirror) pairs this process uses in micro-batch `micro` of `step`.
+
+    The data is read epoch by epoch in the order above. Step s covers the positions
+    [s * G, (s + 1) * G) of that endless sequence, G = batch * accum; micro-batch k of it the
+    k-th run of `batch` positions, split evenly over the processes. A pure function of (seed,
+    step, micro, rank): a resumed run -- any number of DataLoader workers -- sees exactly the
+    batches, mirror images included, that an uninterrupted one would."""
     per = batch // world()
-    first = step * batch + rank() * per
-    idx = []
+    first = step * batch * accum + micro * batch + rank() * per
+    out = []
     for i in range(first, first + per):
-        epoch = i // n
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        idx.append(int(torch.randperm(n, generator=g)[i % n]))
-    return idx
+        order, mirror = epoch_order(seed, i // n, n)
+        out.append((order[i % n], mirror[i % n]))
+    return out
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """The DataLoader's batch sampler: for each step from `start` to `steps`, the `accum`
+    micro-batches of batch_indices in turn, as lists of (index, mirror) keys for ds[key].
+    The DataLoader's workers decode them ahead of the training loop."""
+
+    def __init__(self, n, batch, seed, start, steps, accum=1, flip=True):
+        self.n, self.batch, self.seed, self.accum, self.flip = n, batch, seed, accum, flip
+        self.start, self.steps = start, steps
+
+    def __len__(self):
+        return (self.steps - self.start) * self.accum
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            for k in range(self.accum):
+                yield [(i, m and self.flip) for i, m in
+                       batch_indices(step, self.n, self.batch, self.seed, k, self.accum)]
+
+
+def make_loader(ds, sampler, workers, device):
+    """Batches of dict(image (B, 3, H, W), depth (B, 1, H, W), label (B,)), decoded by
+    `workers` processes (0: in this one) and, on CUDA, copied from pinned memory."""
+    # Its own generator: a DataLoader draws its workers' seeds when it starts, and from the
+    # global RNG that draw would shift every random number after it (no exact resume).
+    return torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers,
+                                       pin_memory=device.type == "cuda",
+                                       persistent_workers=workers > 0,
+                                       generator=torch.Generator().manual_seed(0))
 
 
 def save_checkpoint(path, state):
@@ -785,9 +844,14 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def resume_from(path, kind, config, **objects):
+def resume_from(path, kind, config, seed, **objects):
     """Exact resume: restore each object (model, optimiser, ...) from the entry of the same name,
-    and this process's RNG state, so the run continues as if never stopped. Returns the step."""
+    and this process's RNG state, so the run continues as if never stopped. Returns the step.
+
+    With another number of processes than the checkpoint's, the data order still continues
+    where it stopped (it depends on the step, not the processes), but the saved RNG states (one
+    per process) no longer match: each process then draws a fresh one from (seed, step, rank),
+    and the run goes on as a correct but no longer bit-exact continuation."""
     ckpt = load_checkpoint(path, kind, f"a {kind} checkpoint to resume")
     if ckpt["config"] != config:
         raise UserError(f"{path}: was trained with another model configuration (or data); "
@@ -798,7 +862,13 @@ def resume_from(path, kind, config, **objects):
         except (KeyError, RuntimeError, ValueError) as e:
             raise UserError(f"{path}: its {name} does not fit this run ({type(e).__name__}; "
                             f"e.g. depth maps added or removed since); use another --out")
-    set_rng_state(ckpt["rng"][rank()] if rank() < len(ckpt["rng"]) else ckpt["rng"][0])
+    if len(ckpt["rng"]) == world():
+        set_rng_state(ckpt["rng"][rank()])
+    else:
+        if is_main():
+            print(f"note: {path} was saved by {len(ckpt['rng'])} process(es), this run has "
+                  f"{world()}: the random streams restart from (seed, step, rank)")
+        torch.manual_seed((seed * 1_000_003 + ckpt["step"]) * 1_009 + rank())
     return ckpt["step"]
 
 
@@ -843,7 +913,7 @@ def load_data(args):
     # when they exist (it then judges RGB + depth) and judges RGB alone when they do not.
     need_depth = args.depth_weight > 0 or args.depth_input
     without = "--depth-weight 0" + (" and no --depth-input" if args.depth_input else "")
-    ds = data_mod.ImageFolder(root, args.res, depth=True if need_depth else "auto", flip=True,
+    ds = data_mod.open_folder(root, args.res, depth=True if need_depth else "auto",
                               verbose=is_main(), depth_help=f"or train without depth: {without}")
     return ds, root
 
@@ -860,75 +930,114 @@ def build(args, device, disc_depth=True):
     return model, disc, opt, opt_d
 
 
-def get_batch(ds, step, args, device):
-    """This process's slice of the global batch at `step` -> image (B, 3, H, W), depth
-    (B, 1, H, W) or None. The indices are a function of the step alone (exact resume)."""
-    items = [ds[i] for i in batch_indices(step, len(ds), args.batch, args.seed)]
-    image = torch.stack([it["image"] for it in items]).to(device)            # (B, 3, H, W)
-    depth = torch.stack([it["depth"] for it in items]).to(device) if ds.use_depth else None
-    return image, depth
+def to_device(batch, device):
+    """A loader batch -> image (B, 3, H, W), depth (B, 1, H, W) or None, on the device."""
+    depth = batch.get("depth")
+    return (batch["image"].to(device, non_blocking=True),
+            None if depth is None else depth.to(device, non_blocking=True))
 
 
-def autoencoder_step(model, disc, opt, image, depth, args, adv_on, lpips_fn, autocast):
-    """One optimiser step of the autoencoder (the generator). Returns (logs, novel view) where
-    the novel view is the discriminator's fake input, or None when the adversarial loss is off."""
-    device, B, logs, fake = image.device, image.shape[0], {}, None
-    model.train()
-    with autocast:
-        # 1. Encode: q(z | x) = N(mean, exp(logvar)); z = mean + std * noise (the
-        #    reparameterisation trick) so the gradient reaches the encoder through z.
-        mean, logvar = model.posterior(image, depth)
-        z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)             # (B, Cz, h, w)
-        # 2. Decode into a triplane and render it from P0, the input camera: in view space
-        #    every photo was taken from the same pose, so no camera is ever estimated.
-        planes = model.decode(z)                                             # (B, 3, C, R, R)
-        rec = model.render(planes, model.P0(B).to(device), perturb=True)
-        loss_rgb = (rec["image"] - image).abs().mean()
-        # The raw low-res RGB is the exactly 3D-consistent image: supervise it as well,
-        # against the photo area-averaged down to its size.
-        low = F.interpolate(image, size=rec["raw"].shape[-2:], mode="area")
-        loss_raw = (rec["raw"] - low).abs().mean()
-        loss_kl = kl_loss(mean.float(), logvar.float())
-        loss = loss_rgb + args.raw_weight * loss_raw + args.kl_weight * loss_kl
-        logs.update(rgb=loss_rgb.item(), raw=loss_raw.item(), kl=loss_kl.item())
-        if lpips_fn is not None:
-            loss_lp = lpips_fn(rec["image"], image).mean()
-            loss = loss + args.lpips_weight * loss_lp
-            logs["lpips"] = loss_lp.item()
-        if args.depth_weight > 0:
-            loss_depth = depth_loss(rec["depth"].float(), depth)
-            loss = loss + args.depth_weight * loss_depth
-            logs["depth"] = loss_depth.item()
-        # 3. Novel views around P0: no photo exists there, so only the discriminator can
-        #    say whether the scene looks right (colour and depth) from the side.
-        if adv_on:
-            cams = random_cameras(B, args.yaw_range, args.pitch_range, args.radius)
-            nov = model.render(planes, cams.to(device), perturb=True)
-            nov_depth = F.interpolate(nov["depth"], size=args.res, mode="nearest")
-            fake = disc.inputs(nov["image"], nov_depth)                      # (B, 3|4, H, W)
-            loss_g = F.softplus(-disc(fake)).mean()                          # non-saturating
-            loss = loss + args.adv_weight * loss_g
-            logs["g"] = loss_g.item()
+def autoencoder_loss(model, disc, image, depth, args, adv_on, lpips_fn):
+    """The autoencoder's (the generator's) loss on one micro-batch -> (loss, logs, novel view).
+    logs holds detached tensors (read on the host only when logging); the novel view is the
+    discriminator's fake input, or None when the adversarial loss is off."""
+    device, B, fake = image.device, image.shape[0], None
+    # 1. Encode: q(z | x) = N(mean, exp(logvar)); z = mean + std * noise (the
+    #    reparameterisation trick) so the gradient reaches the encoder through z.
+    mean, logvar = model.posterior(image, depth)
+    z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)                 # (B, Cz, h, w)
+    # 2. Decode into a triplane and render it from P0, the input camera: in view space
+    #    every photo was taken from the same pose, so no camera is ever estimated.
+    planes = model.decode(z)                                                 # (B, 3, C, R, R)
+    rec = model.render(planes, model.P0(B).to(device), perturb=True)
+    loss_rgb = (rec["image"] - image).abs().mean()
+    # The raw low-res RGB is the exactly 3D-consistent image: supervise it as well,
+    # against the photo area-averaged down to its size.
+    low = F.interpolate(image, size=rec["raw"].shape[-2:], mode="area")
+    loss_raw = (rec["raw"] - low).abs().mean()
+    loss_kl = kl_loss(mean.float(), logvar.float())
+    loss = loss_rgb + args.raw_weight * loss_raw + args.kl_weight * loss_kl
+    logs = dict(rgb=loss_rgb, raw=loss_raw, kl=loss_kl)
+    if lpips_fn is not None:
+        logs["lpips"] = lpips_fn(rec["image"], image).mean()
+        loss = loss + args.lpips_weight * logs["lpips"]
+    if args.depth_weight > 0:
+        logs["depth"] = depth_loss(rec["depth"].float(), depth)
+        loss = loss + args.depth_weight * logs["depth"]
+    # 3. Novel views around P0: no photo exists there, so only the discriminator can
+    #    say whether the scene looks right (colour and depth) from the side.
+    if adv_on:
+        cams = random_cameras(B, args.yaw_range, args.pitch_range, args.radius)
+        nov = model.render(planes, cams.to(device), perturb=True)
+        nov_depth = F.interpolate(nov["depth"], size=args.res, mode="nearest")
+        fake = disc.inputs(nov["image"], nov_depth)                          # (B, 3|4, H, W)
+        logs["g"] = F.softplus(-disc(fake)).mean()                           # non-saturating
+        loss = loss + args.adv_weight * logs["g"]
+    return loss, {k: v.detach() for k, v in logs.items()}, fake
+
+
+def optimiser_step(opt, micro_losses, grad_clip, logs):
+    """Gradient accumulation, data parallelism and the update, shared by every training step.
+
+    micro_losses: one function per micro-batch that computes its loss. They are called one at
+    a time and each loss is backpropagated at once, divided by their number, so only one
+    micro-batch's activations are alive at a time and the summed gradient is that of the mean
+    loss over all of them: with per-image losses averaged over the batch, exactly the gradient
+    of one --accum times larger batch (tests/test_autoencoder.py checks it). The processes'
+    gradients are then averaged by one all-reduce (all_reduce_grads), once per optimiser step
+    and not per micro-batch: what DistributedDataParallel's no_sync() does for accumulation."""
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    n = len(micro_losses)
+    for loss in micro_losses:
+        (loss() / n).backward()
     params = [p for group in opt.param_groups for p in group["params"]]
     all_reduce_grads(params)
-    if args.grad_clip > 0:
-        logs["gnorm"] = nn.utils.clip_grad_norm_(params, args.grad_clip).item()
+    if grad_clip > 0:
+        logs["gnorm"] = nn.utils.clip_grad_norm_(params, grad_clip).detach()
     opt.step()
-    return logs, fake
 
 
-def discriminator_step(disc, opt_d, image, depth, fake, args, autocast):
+def mean_logs(logs_list):
+    """Micro-batches' logs (dicts of scalar tensors) -> one dict of their means."""
+    return {k: torch.stack([l[k] for l in logs_list]).mean() for k in logs_list[0]}
+
+
+def autoencoder_step(model, disc, opt, batches, args, adv_on, lpips_fn, autocast):
+    """One optimiser step of the autoencoder over the micro-batches [(image, depth), ...].
+    Returns (logs, novel views): logs of scalar tensors, and per micro-batch the
+    discriminator's fake input (None when the adversarial loss is off)."""
+    model.train()
+    logs_list, fakes = [], []
+
+    def micro(image, depth):
+        def run():
+            with autocast:
+                loss, logs, fake = autoencoder_loss(model, disc, image, depth, args, adv_on,
+                                                    lpips_fn)
+            logs_list.append(logs)
+            fakes.append(fake)
+            return loss
+        return run
+    step_logs = {}
+    optimiser_step(opt, [micro(image, depth) for image, depth in batches], args.grad_clip,
+                   step_logs)
+    return {**mean_logs(logs_list), **step_logs}, fakes
+
+
+def discriminator_step(disc, opt_d, batches, fakes, args, autocast):
     """4. One optimiser step of the discriminator: (photo, its monocular depth) is real,
     (novel view, its rendered depth) is fake; the autoencoder's step above tried to fool it."""
-    with autocast:
-        loss_d, r1 = d_loss_fn(disc, disc.inputs(image, depth), fake, args.r1_gamma)
-    opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
-    all_reduce_grads(list(disc.parameters()))
-    opt_d.step()
-    return dict(d=loss_d.item(), r1=r1.item())
+    logs_list = []
+
+    def micro(image, depth, fake):
+        def run():
+            with autocast:
+                loss_d, r1 = d_loss_fn(disc, disc.inputs(image, depth), fake, args.r1_gamma)
+            logs_list.append(dict(d=loss_d.detach(), r1=r1.detach()))
+            return loss_d
+        return run
+    optimiser_step(opt_d, [micro(i, d, f) for (i, d), f in zip(batches, fakes)], 0, {})
+    return mean_logs(logs_list)
 
 
 def save_on_main(path, make_state):
@@ -956,16 +1065,13 @@ def train(args):
     torch.manual_seed(args.seed + rank())             # each rank its own poses and noise
     step = 0
     if args.resume:
-        step = resume_from(ckpt_path, CKPT_KIND, config, model=model, disc=disc, opt=opt,
-                           opt_d=opt_d)
-    if args.compile:
-        if device.type == "cuda":
-            model.encoder.compile()                   # in place: state_dict keys unchanged
-            model.decoder.compile()
-            model.upsampler.compile()
-            model.compile = True                      # the renderer's per-sample hot path
-        elif is_main():
-            print("note: --compile is for CUDA; running eagerly on the CPU")
+        step = resume_from(ckpt_path, CKPT_KIND, config, args.seed, model=model, disc=disc,
+                           opt=opt, opt_d=opt_d)
+    if args.compile:                                  # CUDA: Triton; CPU: inductor's C++
+        model.encoder.compile()                       # in place: state_dict keys unchanged
+        model.decoder.compile()
+        model.upsampler.compile()
+        model.compile = True                          # the renderer's per-sample hot path
     lpips_fn = make_lpips(args.lpips_weight, device)
     if is_main():
         n_ae = sum(p.numel() for p in model.parameters())
@@ -973,40 +1079,49 @@ def train(args):
         print(f"data: {root}, {len(ds)} images at {args.res} px, depth maps: {ds.use_depth}")
         print(f"autoencoder {n_ae / 1e6:.2f} M parameters, discriminator {n_d / 1e6:.2f} M "
               f"(sees {'RGB + depth' if ds.use_depth else 'RGB only'}); "
-              f"z = {args.z_ch}x{args.z_res}x{args.z_res}; {world()} process(es) on {device}")
+              f"z = {args.z_ch}x{args.z_res}x{args.z_res}; {world()} process(es) on {device}; "
+              f"batch {args.batch} x {args.accum} accumulated")
         if args.lpips_weight == 0:
             print("note: LPIPS off (--lpips-weight 0); reconstruction uses L1 only")
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.amp == "bf16")
-    ds.flip = False                                   # the preview's images, unflipped and
-    fixed = [ds[i] for i in range(min(4, len(ds)))]   # without touching the RNG (exact resume)
-    ds.flip = True
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
+    fixed = [ds[i] for i in range(min(4, len(ds)))]   # the preview's images, unmirrored
     fixed_img = torch.stack([f["image"] for f in fixed]).to(device)
     fixed_depth = torch.stack([f["depth"] for f in fixed]).to(device) if ds.use_depth else None
+    # Every batch of the run, from the resume step on, decoded ahead by the loader's workers.
+    batches = iter(make_loader(ds, StepBatches(len(ds), args.batch, args.seed, step, args.steps,
+                                               args.accum), args.workers, device))
 
     bar = tqdm(total=args.steps, initial=step, disable=not is_main(), dynamic_ncols=True)
-    t_last, history = time.time(), []
+    t_last, step_last, history, sums = time.time(), step, [], {}
     while step < args.steps:
-        # --- data ---
-        image, depth = get_batch(ds, step, args, device)
+        # --- data: --accum micro-batches of --batch images ---
+        micro = [to_device(next(batches), device) for _ in range(args.accum)]
         adv_on = args.adv_weight > 0 and step >= args.adv_start
         # The schedule is set every step from the step number alone (exact after --resume).
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         # --- autoencoder (generator) step, then discriminator step ---
-        logs, fake = autoencoder_step(model, disc, opt, image, depth, args, adv_on, lpips_fn,
-                                      autocast)
+        logs, fakes = autoencoder_step(model, disc, opt, micro, args, adv_on, lpips_fn, autocast)
         if adv_on:
-            logs.update(discriminator_step(disc, opt_d, image, depth, fake, args, autocast))
+            logs.update(discriminator_step(disc, opt_d, micro, fakes, args, autocast))
         step += 1
-        history.append(dict(logs))
+        # Losses stay on the device and are summed there; the host reads them (one sync)
+        # only every --log-every steps, so the GPU never waits for the Python loop.
+        for k, v in logs.items():
+            total, count = sums.get(k, (0, 0))
+            sums[k] = (total + v, count + 1)
+        bar.update(1)
 
         # --- logging ---
-        if is_main():
+        if step % args.log_every == 0 or step == args.steps:
+            values = torch.stack([total for total, _ in sums.values()]).tolist()
+            means = {k: v / c for (k, (_, c)), v in zip(sums.items(), values)}
             now = time.time()
-            logs["img/s"] = args.batch / max(now - t_last, 1e-9)
-            t_last = now
-            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()}, refresh=False)
-            bar.update(1)
+            means["img/s"] = args.batch * args.accum * (step - step_last) / max(now - t_last,
+                                                                                 1e-9)
+            t_last, step_last, sums = now, step, {}
+            history.append(dict(step=step, **means))
+            bar.set_postfix({k: f"{v:.3g}" for k, v in means.items()})
         # --- preview (rank 0) and checkpoint (every rank calls it) ---
         if step % args.every == 0 or step == args.steps:
             if is_main():

@@ -17,6 +17,10 @@ Cases:
              its parameter count, and a library UNet of the same shape when diffusers is there.
     ae-step  one autoencoder training step (both players of the GAN), images/s, peak memory.
     e2e      seconds from a latent to a 60-frame turntable (decode + render + upsample).
+    data     (not in the default set) the training loader on 2k vs 20k images: folder vs
+             pack, images/s, start-up time, peak resident memory.
+    budget   (not in the default set) parameters, FLOPs and activation memory per image of
+             each stage's training step for every preset, and labelled H100 estimates.
 """
 import argparse
 import json
@@ -182,11 +186,12 @@ def bench_ae_step(device, args):
     B = args.batch or a.batch
     image = torch.rand(B, 3, a.res, a.res, device=device) * 2 - 1
     depth = 2 + torch.rand(B, 1, a.res, a.res, device=device)
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.amp == "bf16")
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
 
     def step():
-        _, fake = ae.autoencoder_step(model, disc, opt, image, depth, a, True, None, autocast)
-        ae.discriminator_step(disc, opt_d, image, depth, fake, a, autocast)
+        _, fakes = ae.autoencoder_step(model, disc, opt, [(image, depth)], a, True, None,
+                                       autocast)
+        ae.discriminator_step(disc, opt_d, [(image, depth)], fakes, a, autocast)
     sec = timed(step, device, args.warmup, args.iters)
     n = sum(p.numel() for p in model.parameters()) / 1e6
     return dict(case="ae-step", ms_per_iter=1e3 * sec, images_per_s=B / sec,
@@ -195,15 +200,177 @@ def bench_ae_step(device, args):
                        f"{a.n_coarse}+{a.n_fine} samples, with novel view + discriminator step")
 
 
+def make_image_folder(root, n, res=32):
+    """n random res-px PNGs (plus a depth map each) under ROOT, made once and reused."""
+    import os
+    import numpy as np
+    from PIL import Image
+    if os.path.isfile(os.path.join(root, "done")):
+        return root
+    os.makedirs(os.path.join(root, "depth"), exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (res, res, 3), dtype=np.uint8)).save(
+            os.path.join(root, f"{i:06d}.png"))
+        np.save(os.path.join(root, "depth", f"{i:06d}.npy"),
+                rng.uniform(1, 5, (res, res)).astype(np.float32))
+    open(os.path.join(root, "done"), "w").close()
+    return root
+
+
+def data_run(root, workers, batch, images):
+    """One measurement, in a fresh process: open ROOT (folder or pack) as the training script
+    does, read `images` images through the training loader, report start-up seconds,
+    images/s and peak resident memory of this process and of its largest worker."""
+    import autoencoder as ae
+    import data
+    t0 = time.perf_counter()
+    ds = data.open_folder(root, 32, depth=True, verbose=False)
+    start = time.perf_counter() - t0
+    steps = images // batch
+    loader = ae.make_loader(ds, ae.StepBatches(len(ds), batch, 0, 0, steps), workers,
+                            torch.device("cpu"))
+    t0 = time.perf_counter()
+    n = sum(len(b["image"]) for b in loader)
+    sec = time.perf_counter() - t0
+    kb = lambda who: resource.getrusage(who).ru_maxrss / 1024
+    return dict(images=len(ds), startup_s=start, images_per_s=n / sec,
+                peak_rss_main_mb=kb(resource.RUSAGE_SELF),
+                peak_rss_worker_mb=kb(resource.RUSAGE_CHILDREN) if workers else 0.0)
+
+
+def bench_data(device, args):
+    """Images/s and peak memory of the training loader on 2k and 20k images of 32 px (with
+    depth maps), read lazily from a folder of PNGs and from a pack. Each measurement runs in a
+    fresh process, so one's memory cannot hide in another's peak; each reads the same number
+    of images (--data-images), so only the size of the data set differs."""
+    import os
+    import subprocess
+    import data
+    out = []
+    for n in (2000, 20000):
+        folder = make_image_folder(os.path.join(args.data_dir, f"png{n}"), n)
+        pack = os.path.join(folder, "_pack-32")
+        if not os.path.isfile(os.path.join(pack, data.PACK_META)):
+            data.pack(folder, 32, verbose=False)
+        for kind, root in (("folder", folder), ("pack", pack)):
+            code = (f"import bench, json; print(json.dumps(bench.data_run({root!r}, "
+                    f"{args.workers}, 64, {args.data_images})))")
+            p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
+            r = dict(kind=kind, workers=args.workers, **json.loads(p.stdout.splitlines()[-1]))
+            out.append(r)
+            print(f"  {kind:6s} {n:6d} images: start-up {r['startup_s']:.2f} s, "
+                  f"{r['images_per_s']:.0f} images/s, peak RSS main {r['peak_rss_main_mb']:.0f}"
+                  f" MB, largest worker {r['peak_rss_worker_mb']:.0f} MB")
+    return dict(case="data", runs=out, config=f"32 px PNG + .npy depth, batch 64, "
+                f"{args.data_images} images read, {args.workers} workers")
+
+
+# --- budget: parameters, FLOPs and activation memory of one training step -------------------
+def saved_bytes(fn):
+    """Run fn() and return the bytes of all tensors autograd saves for the backward pass (the
+    activation memory of a training step), each storage counted once. Device-independent: on
+    a GPU the allocator's peak adds the step's temporaries, which this does not count."""
+    seen, total = set(), [0]
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in seen:
+            seen.add(s.data_ptr())
+            total[0] += s.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+def step_cost(build_loss, batches):
+    """FLOPs (torch.utils.flop_counter: matmuls, convolutions, attention; not grid_sample or
+    elementwise work) of forward + backward, and saved activation bytes, at each batch size."""
+    from torch.utils.flop_counter import FlopCounterMode
+    rows = []
+    for B in batches:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            build_loss(B)().backward()
+        act = saved_bytes(lambda: build_loss(B)())
+        rows.append((B, counter.get_total_flops(), act))
+    (b1, f1, a1), (b2, f2, a2) = rows[0], rows[-1]
+    return dict(flops_per_image=(f2 - f1) / (b2 - b1), act_mb_per_image=(a2 - a1) / (b2 - b1)
+                / 2 ** 20, act_mb_fixed=(a1 - (a2 - a1) / (b2 - b1) * b1) / 2 ** 20,
+                measured_at=[r[0] for r in rows])
+
+
+# Assumptions of the GPU estimates (printed with them): H100 SXM dense bf16 peak, a model FLOPs
+# utilisation typical of small convnets and renderers, and what a training step keeps besides
+# activations: fp32 weights + gradients + AdamW's two moments = 16 bytes per parameter.
+H100_BF16_FLOPS = 989e12
+ASSUMED_MFU = 0.25
+BYTES_PER_PARAM = 16
+
+
+def bench_budget(device, args):
+    """For every preset of both stages: parameters, training FLOPs per image, activation memory
+    per image (measured at two batch sizes on this device, float32), and from them labelled
+    estimates for an H100: images/s at ASSUMED_MFU, hours for the preset's steps, and the
+    largest batch that fits 24 / 40 / 80 GB."""
+    import autoencoder as ae
+    import diffusion
+    rows = []
+    for preset in ("tiny", "base"):
+        a = ae.get_args(["--preset", preset, "--fov-deg", "40", "--radius", "2.7"])
+        a.adv_weight = max(a.adv_weight, 0.05)        # the full step: novel view + D
+        model, disc, _, _ = ae.build(a, device)
+        data = lambda B: (torch.rand(B, 3, a.res, a.res, device=device) * 2 - 1,
+                          2 + torch.rand(B, 1, a.res, a.res, device=device))
+
+        def ae_loss(B):
+            image, depth = data(B)
+            def run():
+                loss, _, fake = ae.autoencoder_loss(model, disc, image, depth, a, True, None)
+                d, _ = ae.d_loss_fn(disc, disc.inputs(image, depth), fake, a.r1_gamma)
+                return loss + d
+            return run
+        n_par = sum(p.numel() for p in [*model.parameters(), *disc.parameters()])
+        rows.append(dict(stage="autoencoder", preset=preset, batch=a.batch, steps=a.steps,
+                         res=a.res, params_m=n_par / 1e6, **step_cost(ae_loss, (1, 2))))
+        d = diffusion.get_args(["--preset", preset])
+        shape = (a.z_ch, a.z_res, a.z_res)
+        ldm = diffusion.LatentDiffusion(diffusion.model_config(d, shape, [])).to(device)
+        ldm_loss = lambda B: (lambda: ldm.loss(torch.randn(B, *shape, device=device)))
+        rows.append(dict(stage="diffusion", preset=preset, batch=d.batch, steps=d.steps,
+                         res=a.res, params_m=sum(p.numel() for p in ldm.parameters()) / 1e6,
+                         **step_cost(ldm_loss, (2, 4))))
+    for r in rows:
+        ips = ASSUMED_MFU * H100_BF16_FLOPS / r["flops_per_image"]
+        fixed_gb = (r["params_m"] * 1e6 * BYTES_PER_PARAM + r["act_mb_fixed"] * 2 ** 20) / 1e9
+        per_gb = r["act_mb_per_image"] * 2 ** 20 / 1e9
+        r.update(est_h100_images_per_s=ips, est_h100_hours=r["steps"] * r["batch"] / ips / 3600,
+                 **{f"est_max_batch_{g}gb": max(0, int((0.9 * g - fixed_gb) / per_gb))
+                    for g in (24, 40, 80)})
+        print(f"  {r['stage']:11s} {r['preset']:4s} {r['params_m']:6.2f} M params, "
+              f"{r['flops_per_image'] / 1e9:8.2f} GFLOP/image (fwd+bwd), activations "
+              f"{r['act_mb_per_image']:7.1f} MB/image | estimate, H100 at MFU {ASSUMED_MFU}: "
+              f"{ips:7.0f} images/s, {r['est_h100_hours']:6.2f} h for {r['steps']} steps x "
+              f"{r['batch']}; largest batch 24/40/80 GB: {r['est_max_batch_24gb']}/"
+              f"{r['est_max_batch_40gb']}/{r['est_max_batch_80gb']}")
+    return dict(case="budget", rows=rows, assumptions=dict(
+        h100_bf16_flops=H100_BF16_FLOPS, mfu=ASSUMED_MFU, bytes_per_param=BYTES_PER_PARAM,
+        memory_usable=0.9, activations="float32, saved-for-backward tensors only"))
+
+
 CASES = {"render": bench_render, "ae-step": bench_ae_step, "sample": bench_sample,
-         "e2e": bench_e2e}
+         "e2e": bench_e2e, "data": bench_data, "budget": bench_budget}
+DEFAULT_CASES = ["render", "ae-step", "sample", "e2e"]
 
 
 def main():
     p = argparse.ArgumentParser(description="Benchmark the stages of the pipeline.")
-    p.add_argument("cases", nargs="*", default=list(CASES), help=f"any of {list(CASES)}")
+    p.add_argument("cases", nargs="*", default=DEFAULT_CASES, help=f"any of {list(CASES)} "
+                   f"(default: {' '.join(DEFAULT_CASES)})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the hot paths (CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the hot paths")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -213,7 +380,11 @@ def main():
     p.add_argument("--batch", type=int, default=0,
                    help="ae-step batch (0: the preset's; base's 16 needs > 23 GB on a CPU)")
     p.add_argument("--amp", default="none", choices=["none", "bf16"],
-                   help="bf16 autocast in ae-step (CUDA)")
+                   help="bf16 autocast in ae-step (CUDA or CPU)")
+    p.add_argument("--data-dir", default="/tmp/wildfusion-bench-data",
+                   help="data case: where its 2k and 20k test images are made (once)")
+    p.add_argument("--data-images", type=int, default=6400, help="data case: images read")
+    p.add_argument("--workers", type=int, default=2, help="data case: loader processes")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -230,7 +401,7 @@ def main():
         r.update(device=name, compile=args.compile, torch=torch.__version__)
         results.append(r)
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in r.items() if k not in ("device", "torch")))
+                        for k, v in r.items() if k not in ("device", "torch", "runs", "rows")))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -8,13 +8,16 @@ truth that the scripts use when no folder is given live in scenes.py.)
 
     python data.py info my_photos/ --res 128                       # load and summarise a folder
     python data.py depth my_photos/                                # monocular depth -> depth/
+    python data.py pack my_photos/ --res 64                        # -> my_photos/_pack-64
 
 Map of the file:
     1. errors        UserError: one clear line for the user instead of a traceback
     2. images        load_rgb: any file mode -> RGB, square centre crop, antialiased resize
     3. depth maps    load_depth: .npy / 16-bit PNG, checked, resized without blurring edges
-    4. ImageFolder   the dataset: recursive scan, optional depth/ and class sub-folders
+    4. ImageFolder   the dataset: recursive scan, optional depth/ and class sub-folders,
+                     decoded lazily (in DataLoader workers); PackedFolder, the same from a pack
     5. depth prep    `python data.py depth DIR`: a monocular estimator over a folder
+    6. packing       `python data.py pack DIR --res R`: memory-mapped arrays, no decoding
 
 Folder layout. Images anywhere below ROOT (jpg, jpeg, png, webp, bmp). The depth map of
 ROOT/a/b.jpg is ROOT/depth/a/b.npy (or .png). Folders named `depth`, or starting with `_` or `.`,
@@ -24,6 +27,7 @@ Phone photos often store the picture sideways plus an EXIF "orientation" flag; e
 turns the picture upright first (as a photo viewer does), and its depth map must be upright too.
 """
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -50,7 +54,12 @@ def run_cli(main):
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        msg = str(e)
+        # Raised in a DataLoader worker, it arrives wrapped in the worker's traceback: keep
+        # the last line, the original message.
+        if "Original Traceback" in msg:
+            msg = msg.strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -91,6 +100,10 @@ def upright_size(img):
     sideways with an EXIF orientation flag; flags 5-8 mean a quarter turn, i.e. swapped sides.
     Read from the header alone, so nothing is decoded."""
     w, h = img.size
+    # (PIL decodes a whole PNG to look for EXIF after the pixels; one stored before them is in
+    # img.info already, and phones write JPEG/HEIC, not PNG, so the header is enough here.)
+    if img.format == "PNG" and "exif" not in img.info:
+        return w, h
     return (h, w) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
 
 
@@ -114,6 +127,32 @@ def load_rgb(path, res):
 # ---------------------------------------------------------------------------------------------
 # 3. Depth maps: z-depth (larger = farther), never disparity
 # ---------------------------------------------------------------------------------------------
+def depth_size(path):
+    """(width, height) of a depth map, read from its header alone (nothing decoded)."""
+    try:
+        if path.endswith(".npy"):
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+            shape = [s for s in shape if s != 1] if len(shape) > 2 else shape
+            if len(shape) != 2:
+                raise UserError(f"{path}: depth map must be a single-channel (H, W) array, got "
+                                f"shape {tuple(shape)}; write one float32 .npy (or 16-bit PNG) "
+                                f"per image")
+            return shape[1], shape[0]
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"{path}: cannot read this depth map ({type(e).__name__}: {e}); "
+                        f"regenerate it with `python data.py depth` or delete it")
+
+
+def check_depth_aspect(path, depth_wh, image_wh):
+    """A depth map must cover its image's field of view: the same aspect ratio (2% slack)."""
+    (w, h), (iw, ih) = depth_wh, image_wh
+    if abs(w / h - iw / ih) > 0.02 * (iw / ih):
+        raise UserError(f"{path}: depth map is {w}x{h} but its image is {iw}x{ih} (another "
+                        f"aspect ratio); the depth map must cover the same view as the image")
+
+
 def load_depth(path, res, image_size):
     """Read a depth map -> float32 array (res, res). Raises UserError naming the file if bad.
 
@@ -138,10 +177,8 @@ def load_depth(path, res, image_size):
     if not np.isfinite(d).all():
         raise UserError(f"{path}: depth map contains NaN or inf values; regenerate it with "
                         f"`python data.py depth` or clean it (e.g. np.nan_to_num)")
-    (h, w), (iw, ih) = d.shape, image_size
-    if abs(w / h - iw / ih) > 0.02 * (iw / ih):
-        raise UserError(f"{path}: depth map is {w}x{h} but its image is {iw}x{ih} (another "
-                        f"aspect ratio); the depth map must cover the same view as the image")
+    h, w = d.shape
+    check_depth_aspect(path, (w, h), image_size)
     box = center_crop_box(w, h)
     img = Image.fromarray(d, mode="F").crop(box).resize((res, res), Image.Resampling.NEAREST)
     return np.array(img, dtype=np.float32)                 # a writable copy
@@ -184,23 +221,28 @@ def depth_path_for(root, rel):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """A folder of photos as a dataset of dict(image, depth, label).
+    """A folder of photos as a dataset of dict(image, depth, label), decoded lazily.
 
     image: float (3, res, res) in [-1, 1]; depth: float (1, res, res) z-depth, only when depth
     maps are used; label: int class index, or -1 for an unconditional data set.
+    ds[i] is image i; ds[(i, True)] is its mirror image (the training scripts' sampler decides
+    which images to mirror, from the seed and the step, so a resumed run mirrors the same ones).
 
     depth="auto" uses ROOT/depth/ when it exists, True requires it, False ignores it;
     depth_help: the caller's other way on when it is required and missing (an error's tail).
     labels="auto" uses first-level sub-folders as classes when every image is inside one and
     there are at least two; True requires that layout, False gives -1 everywhere.
-    All images are decoded once, here, with a progress bar, and kept in memory as uint8
-    (3 * res^2 bytes each: 10k images at 256 px are 2 GB). That checks every file up front and
-    makes every epoch after the first free of JPEG decoding.
+
+    Start-up reads only each file's *header* (size, EXIF orientation; a depth map's shape), in
+    parallel threads: files that are not images are skipped with a count, depth maps of the
+    wrong shape stop with one line, and nothing is kept in memory but the file list. Pixels are
+    decoded in __getitem__, i.e. in the DataLoader's worker processes, so memory does not grow
+    with the number of images. (For many small images, `python data.py pack` is faster still.)
     """
 
-    def __init__(self, root, res, depth="auto", labels="auto", flip=False, max_images=None,
-                 verbose=True, depth_help=""):
-        self.root, self.res, self.flip = root, res, flip
+    def __init__(self, root, res, depth="auto", labels="auto", max_images=None, verbose=True,
+                 depth_help=""):
+        self.root, self.res = root, res
         if not os.path.isdir(root):
             raise UserError(f"{root}: no such folder; pass --data a folder of images "
                             f"(or leave --data out to use the synthetic scenes)")
@@ -234,58 +276,133 @@ class ImageFolder(torch.utils.data.Dataset):
                             f"under {root}/depth/ (first: {missing[0]}); run `python data.py "
                             f"depth {root}` or train without depth")
 
-        # Decode everything in parallel threads (PIL releases the GIL while decoding).
-        def work(i):
+        # Read every header in parallel threads (file system latency, not CPU, is the cost).
+        def header(i):
             path = os.path.join(root, files[i])
             try:
-                rgb, d, small = load_photo(path, depth_files[i] if self.use_depth else None, res)
+                with Image.open(path) as img:
+                    size = upright_size(img)
             except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-                return None, None, False, f"{path}: {e}"     # (a bad depth map: UserError, stops)
-            return rgb, d, small, None
+                return None, f"{path}: {e}"
+            if self.use_depth:                        # a bad depth map: UserError, stops
+                check_depth_aspect(depth_files[i], depth_size(depth_files[i]), size)
+            return size, None
 
-        # Collect in file order; an unreadable file is skipped, named and counted, never silent.
-        images, depths, labels_, bad, n_small = [], [], [], [], 0
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            results = pool.map(work, range(len(files)))
-            for i, (rgb, d, small, err) in enumerate(tqdm(results, total=len(files),
-                                                          desc=f"loading {root}", unit="img",
-                                                          disable=not verbose, leave=False)):
+        # An unreadable file is skipped, named and counted, never silently.
+        sizes, bad = [], []
+        with ThreadPoolExecutor(max_workers=min(16, 4 * (os.cpu_count() or 1))) as pool:
+            for i, (size, err) in enumerate(tqdm(pool.map(header, range(len(files))),
+                                                 total=len(files), desc=f"scanning {root}",
+                                                 unit="img", disable=not verbose, leave=False)):
                 if err:
                     warnings.warn(f"skipping unreadable image {err}")
-                    bad.append(files[i])
-                    continue
-                n_small += small
-                images.append(torch.from_numpy(rgb).permute(2, 0, 1))   # (3, res, res) uint8
-                if d is not None:
-                    depths.append(torch.from_numpy(d)[None])                # (1, res, res)
-                labels_.append(self.classes.index(files[i].split(os.sep)[0])
-                               if self.classes else -1)
+                    bad.append(i)
+                sizes.append(size)
         if len(bad) * 2 > len(files):
             raise UserError(f"{root}: {len(bad)} of {len(files)} images could not be read "
-                            f"(first: {bad[0]}); check the files (corrupt or not images)")
+                            f"(first: {files[bad[0]]}); check the files (corrupt or not images)")
         if bad:
             warnings.warn(f"{root}: skipped {len(bad)} unreadable image(s) of {len(files)}")
+        keep = [i for i in range(len(files)) if i not in set(bad)]
+        n_small = sum(min(sizes[i]) < res for i in keep)
         if n_small:
             warnings.warn(f"{root}: {n_small} image(s) are smaller than {res}x{res} after "
-                          f"cropping and were upsampled (they will look blurry)")
-        bad = set(bad)
-        self.files = [f for f in files if f not in bad]
-        self.images = torch.stack(images)                                   # (N, 3, res, res)
-        self.depths = torch.stack(depths) if depths else None               # (N, 1, res, res)
-        self.labels = torch.tensor(labels_, dtype=torch.long)               # (N,)
+                          f"cropping and will be upsampled (they will look blurry)")
+        self.files = [files[i] for i in keep]
+        self.depth_files = [depth_files[i] for i in keep] if self.use_depth else None
+        self.labels = torch.tensor([self.classes.index(f.split(os.sep)[0]) if self.classes
+                                    else -1 for f in self.files], dtype=torch.long)   # (N,)
+        self.n_unreadable = 0                 # files that passed the header check, not decoding
 
     def __len__(self):
-        return len(self.images)
+        return len(self.files)
 
-    def __getitem__(self, i):
-        image = self.images[i].float() / 127.5 - 1                          # (3, res, res)
-        item = dict(image=image, label=int(self.labels[i]))
-        if self.depths is not None:
-            item["depth"] = self.depths[i]                                  # (1, res, res)
-        # A mirrored photo is as plausible as the photo, and mirroring keeps view space intact.
-        if self.flip and torch.rand(()) < 0.5:
-            item = {k: v.flip(-1) if torch.is_tensor(v) else v for k, v in item.items()}
-        return item
+    def load(self, i):
+        """Decode image i -> (uint8 (res, res, 3), float32 (res, res) or None)."""
+        rgb, depth, _ = load_photo(os.path.join(self.root, self.files[i]),
+                                   self.depth_files[i] if self.use_depth else None, self.res)
+        return rgb, depth
+
+    def __getitem__(self, key):
+        i, flip = key if isinstance(key, tuple) else (key, False)
+        for j in [i] + [(i + k) % len(self) for k in range(1, len(self))]:
+            try:
+                rgb, depth = self.load(j)
+                break
+            except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+                # A file whose header was fine but whose pixels are not (e.g. truncated): the
+                # batch takes the next image instead, and the swap is named and counted.
+                self.n_unreadable += 1
+                warnings.warn(f"skipping unreadable image {os.path.join(self.root, self.files[j])}"
+                              f": {e} (using the next image; {self.n_unreadable} so far)")
+        return make_item(rgb, depth, int(self.labels[j]), flip)
+
+
+def make_item(rgb, depth, label, flip):
+    """uint8 (res, res, 3), depth (res, res) or None -> the dataset's dict of tensors."""
+    # np.array copies: a pack's rows are read-only views of a memory map.
+    image = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float() / 127.5 - 1
+    item = dict(image=image, label=label)                                   # (3, res, res)
+    if depth is not None:
+        item["depth"] = torch.from_numpy(np.array(depth, dtype=np.float32))[None]  # (1, res, res)
+    # A mirrored photo is as plausible as the photo, and mirroring keeps view space intact.
+    if flip:
+        item = {k: v.flip(-1) if torch.is_tensor(v) else v for k, v in item.items()}
+    return item
+
+
+PACK_META = "pack.json"
+
+
+class PackedFolder(torch.utils.data.Dataset):
+    """The same dataset read from a pack made by `python data.py pack` (section 6): one uint8
+    array of images (N, res, res, 3), float16 depth (N, res, res) and int64 labels, all memory-
+    mapped .npy files. Reading item i is a copy of 3 res^2 bytes: no decoding, no resizing, and
+    the operating system's page cache, not this process, holds what has been read."""
+
+    def __init__(self, root, res, depth="auto", labels="auto", depth_help="", **_):
+        with open(os.path.join(root, PACK_META)) as f:
+            meta = json.load(f)
+        if meta["res"] != res:
+            raise UserError(f"{root}: this pack holds {meta['res']} px images but the model "
+                            f"wants {res} px; make another: `python data.py pack "
+                            f"{meta['source']} --res {res}`")
+        if depth is True and not meta["depth"]:
+            raise UserError(f"{root}: depth maps are required but this pack has none; pack a "
+                            f"folder with depth/ (`python data.py depth {meta['source']}`)"
+                            + (f"; {depth_help}" if depth_help else ""))
+        self.root, self.res, self.files = root, res, meta["files"]
+        self.use_depth = bool(depth) and meta["depth"]
+        self.classes = meta["classes"] if labels is not False else []
+        self.labels = torch.from_numpy(np.load(os.path.join(root, "labels.npy")))
+        if not self.classes:
+            self.labels = torch.full_like(self.labels, -1)
+        self.arrays = None                  # opened lazily, in whichever process reads them
+
+    def __getstate__(self):
+        # DataLoader workers receive a pickled copy of the dataset: send the file names, not
+        # the open maps (numpy would pickle a memory map as its whole contents).
+        return {**self.__dict__, "arrays": None}
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, key):
+        i, flip = key if isinstance(key, tuple) else (key, False)
+        if self.arrays is None:
+            load = lambda name: np.load(os.path.join(self.root, name), mmap_mode="r")
+            self.arrays = dict(images=load("images.npy"),
+                               depth=load("depth.npy") if self.use_depth else None)
+        depth = self.arrays["depth"][i] if self.use_depth else None
+        return make_item(self.arrays["images"][i], depth, int(self.labels[i]), flip)
+
+
+def open_folder(root, res, **kwargs):
+    """--data ROOT as a dataset: a pack (ROOT/pack.json) or a folder of image files. Both give
+    the same items, with the same options (those of ImageFolder)."""
+    if os.path.isfile(os.path.join(root, PACK_META)):
+        return PackedFolder(root, res, **kwargs)
+    return ImageFolder(root, res, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,6 +484,56 @@ def prepare_depth(root, estimator, overwrite=False):
 
 
 # ---------------------------------------------------------------------------------------------
+# 6. Packing: `python data.py pack DIR --res R` -> DIR/_pack-R, read by PackedFolder
+# ---------------------------------------------------------------------------------------------
+def pack(root, res, out=None, workers=None, verbose=True):
+    """Decode a folder once into memory-mapped arrays (images uint8, depth float16, labels).
+
+    Written into a temporary folder and renamed when complete, so a killed run never leaves a
+    pack that later loads half-empty. The default OUT, ROOT/_pack-RES, starts with `_`, so
+    later scans of ROOT do not mistake the pack for images. Returns OUT."""
+    import shutil
+    out = out or os.path.join(root, f"_pack-{res}")
+    ds = ImageFolder(root, res, verbose=verbose)
+    tmp = f"{out}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    N = len(ds)
+    images = np.lib.format.open_memmap(os.path.join(tmp, "images.npy"), "w+", np.uint8,
+                                       (N, res, res, 3))
+    depth = (np.lib.format.open_memmap(os.path.join(tmp, "depth.npy"), "w+", np.float16,
+                                       (N, res, res)) if ds.use_depth else None)
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    # Items in file order, decoded by worker processes; each arrives as tensors, goes back to
+    # bytes (exact: uint8 -> [-1, 1] -> uint8 round-trips) and is written to the map at once.
+    loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=workers)
+    i = 0
+    try:
+        for batch in tqdm(loader, desc=f"packing {root}", unit="batch", disable=not verbose):
+            n = len(batch["image"])
+            images[i:i + n] = ((batch["image"] + 1) * 127.5).round().byte().permute(
+                0, 2, 3, 1).numpy()
+            if depth is not None:
+                depth[i:i + n] = batch["depth"][:, 0].numpy().astype(np.float16)
+            i += n
+    except BaseException:                 # a bad depth map, Ctrl-C, ...: leave nothing behind
+        images = depth = None             # close the maps before deleting their files
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    images.flush()
+    if depth is not None:
+        depth.flush()
+    np.save(os.path.join(tmp, "labels.npy"), ds.labels.numpy())
+    meta = dict(res=res, n=N, depth=ds.use_depth, classes=ds.classes, files=ds.files,
+                source=os.path.abspath(root))
+    with open(os.path.join(tmp, PACK_META), "w") as f:
+        json.dump(meta, f)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)                  # visible only now, complete
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 def main(argv=None):
@@ -378,6 +545,12 @@ def main(argv=None):
     d.add_argument("--model", default="midas", choices=["midas", "depth-anything"],
                    help=DEPTH_MODELS)
     d.add_argument("--overwrite", action="store_true")
+    k = sub.add_parser("pack", help="decode a folder once into memory-mapped arrays "
+                       "(fast training on many small images) -> ROOT/_pack-RES")
+    k.add_argument("root")
+    k.add_argument("--res", type=int, required=True, help="image size the model trains at")
+    k.add_argument("--out", help="pack folder (default ROOT/_pack-RES); pass it as --data")
+    k.add_argument("--workers", type=int, default=None, help="decoding processes")
     i = sub.add_parser("info", help="load a folder as the training scripts would, and summarise")
     i.add_argument("root")
     i.add_argument("--res", type=int, default=64)
@@ -389,8 +562,13 @@ def main(argv=None):
         n = prepare_depth(args.root, load_estimator(args.model), args.overwrite)
         print(f"wrote {n} depth maps (z-depth, larger = farther; converted from the model's "
               f"disparity) to {os.path.join(args.root, 'depth')}")
+    elif args.cmd == "pack":
+        if args.res < 8:
+            raise UserError(f"--res {args.res}: too small; pack at the model's resolution")
+        out = pack(args.root, args.res, args.out, args.workers)
+        print(f"wrote {out}: pass --data {out} to the training scripts")
     else:
-        ds = ImageFolder(args.root, args.res)
+        ds = open_folder(args.root, args.res)
         print(f"{args.root}: {len(ds)} images at {args.res} px, depth maps: "
               f"{'yes' if ds.use_depth else 'no'}, classes: {ds.classes or 'none'}")
 

@@ -30,10 +30,12 @@ step t in 0..T-1, alpha_bar_t = prod_{s<=t} (1 - beta_s) the fraction of signal 
 import argparse
 import copy
 import hashlib
+import json
 import math
 import os
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -479,53 +481,89 @@ def file_id(path):
 
 
 @torch.no_grad()
-def encode_folder(ae_model, root, device, flip=True, batch=64):
-    """Every image of ROOT -> z with the autoencoder's posterior *mean*.
+def encode_folder(ae_model, root, device, path, flip=True, batch=64, workers=0):
+    """Every image of ROOT -> z with the autoencoder's posterior *mean*, written into the
+    memory-mapped array PATH/z.npy (N, C, h, w) float32, batch by batch, with a progress bar.
 
     Why the mean and not a sample: the KL weight is tiny (1e-5), so the posterior is nearly a
     point and a sample differs from the mean by noise the decoder has learned to ignore; the mean
     makes the cache deterministic. flip adds each image's mirror image (its own encoding, since
-    flipping z is not the same as encoding the flipped image): twice the data for free.
-    Returns dict(z (N, C, h, w), labels (N,), classes).
+    flipping z is not the same as encoding the flipped image): twice the data for free; a
+    batch's mirror images follow the batch. Returns (labels (N,), classes).
     """
     c = ae_model.config
-    ds = data_mod.ImageFolder(root, c["res"], depth=True if c["depth_input"] else False,
+    ds = data_mod.open_folder(root, c["res"], depth=True if c["depth_input"] else False,
                               verbose=True)
-    zs, labels = [], []
-    for lo in tqdm(range(0, len(ds), batch), desc="encoding latents"):
-        items = [ds[i] for i in range(lo, min(lo + batch, len(ds)))]
-        image = torch.stack([it["image"] for it in items]).to(device)        # (b, 3, H, W)
-        depth = (torch.stack([it["depth"] for it in items]).to(device)
-                 if c["depth_input"] else None)
-        y = torch.tensor([it["label"] for it in items])
-        zs.append(ae_model.encode(image, depth).float().cpu())
-        labels.append(y)
+    copies = 2 if flip else 1
+    z_shape = (c["z_ch"], c["z_res"], c["z_res"])
+    zs = np.lib.format.open_memmap(os.path.join(path, "z.npy"), "w+", np.float32,
+                                   (copies * len(ds), *z_shape))
+    labels, pos = [], 0
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers)
+    for item in tqdm(loader, desc="encoding latents", unit="batch"):
+        image = item["image"].to(device)                                     # (b, 3, H, W)
+        depth = item["depth"].to(device) if c["depth_input"] else None
+        views = [(image, depth)]
         if flip:
-            zs.append(ae_model.encode(image.flip(-1), None if depth is None else depth.flip(-1))
-                      .float().cpu())
-            labels.append(y)
-    return dict(z=torch.cat(zs), labels=torch.cat(labels), classes=list(ds.classes))
+            views.append((image.flip(-1), None if depth is None else depth.flip(-1)))
+        for im, d in views:
+            z = ae_model.encode(im, d).float().cpu().numpy()                 # (b, C, h, w)
+            zs[pos:pos + len(z)] = z
+            labels.append(item["label"])
+            pos += len(z)
+    zs.flush()
+    return torch.cat(labels), list(ds.classes)
 
 
-def latent_cache(ae_path, ae_model, root, out, device, flip=True):
-    """OUT/latents.pt: load it if it was made by this autoencoder from this folder, make it if
-    it does not exist, and refuse (one line) if it belongs to another autoencoder."""
-    path = os.path.join(out, "latents.pt")
+def latent_cache(ae_path, ae_model, root, out, device, flip=True, workers=0):
+    """OUT/latents/: load it if it was made by this autoencoder from this folder, make it if
+    it does not exist, and refuse (one line) if it belongs to another autoencoder.
+
+    The cache is a folder: z.npy (N, C, h, w) float32, read as a memory map so that training
+    holds only its batches in memory, labels.npy (N,) and meta.json (which autoencoder, which
+    data). It is written into a temporary folder and renamed when complete: a run killed while
+    encoding leaves no half cache that a later run would load. Returns dict(z (memory map),
+    labels (N,), classes, ae_id, data, flip)."""
+    path = os.path.join(out, "latents")
     ae_id, root = file_id(ae_path), os.path.abspath(root)
-    if not os.path.isfile(path) and is_main():
+    if not os.path.isdir(path) and is_main():
         print(f"encoding {root} with {ae_path} into {path} (once; later runs reuse it)")
-        cache = encode_folder(ae_model, root, device, flip)
-        cache.update(kind=CACHE_KIND, ae_id=ae_id, data=root, flip=flip)
-        ae.save_checkpoint(path, cache)
+        tmp = f"{path}.tmp{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
+        labels, classes = encode_folder(ae_model, root, device, tmp, flip, workers=workers)
+        np.save(os.path.join(tmp, "labels.npy"), labels.numpy())
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(dict(kind=CACHE_KIND, ae_id=ae_id, data=root, flip=flip,
+                           classes=classes), f)
+        os.replace(tmp, path)
     barrier()
-    cache = ae.load_checkpoint(path, CACHE_KIND, "a latent cache made by diffusion.py")
-    if cache["ae_id"] != ae_id:
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        cache = dict(meta, z=np.load(os.path.join(path, "z.npy"), mmap_mode="r"),
+                     labels=torch.from_numpy(np.load(os.path.join(path, "labels.npy"))))
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: not a readable latent cache ({type(e).__name__}); delete the "
+                        f"folder and run again to re-encode")
+    if meta.get("kind") != CACHE_KIND or meta["ae_id"] != ae_id:
         raise UserError(f"{path}: these latents were made by another autoencoder (not "
-                        f"{ae_path}); delete the file or choose another --out")
-    if cache["data"] != root or cache["flip"] != flip:
-        raise UserError(f"{path}: these latents were made from {cache['data']} (flip "
-                        f"{cache['flip']}); delete the file or choose another --out")
+                        f"{ae_path}); delete the folder or choose another --out")
+    if meta["data"] != root or meta["flip"] != flip:
+        raise UserError(f"{path}: these latents were made from {meta['data']} (flip "
+                        f"{meta['flip']}); delete the folder or choose another --out")
     return cache
+
+
+def channel_stats(z, chunk=4096):
+    """Per-channel mean and std (C,) of a (N, C, h, w) array read in chunks (float64 sums), so
+    a memory-mapped cache is never loaded whole."""
+    s = s2 = 0
+    for lo in range(0, len(z), chunk):
+        x = torch.from_numpy(np.asarray(z[lo:lo + chunk], dtype=np.float64))
+        s, s2 = s + x.sum((0, 2, 3)), s2 + x.square().sum((0, 2, 3))
+    n = len(z) * z.shape[2] * z.shape[3]
+    mean = s / n
+    return mean.float(), ((s2 - n * mean.square()) / (n - 1)).clamp_min(0).sqrt().float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,7 +603,9 @@ def get_args(argv=None):
     a("--p-uncond", type=float, default=0.1, help="label dropout, for classifier-free guidance")
     a("--no-flip", action="store_true", help="do not add mirrored images' latents")
     a("--steps", type=int, default=None)
-    a("--batch", type=int, default=None, help="latents per step, over all processes")
+    a("--batch", type=int, default=None, help="latents per micro-batch, over all processes")
+    a("--accum", type=int, default=1, help="micro-batches accumulated per optimiser step "
+      "(effective batch: --batch x --accum)")
     a("--lr", type=float, default=None)
     a("--ema", type=float, default=None, help="EMA decay of the weights used for sampling")
     a("--grad-clip", type=float, default=1.0)
@@ -574,6 +614,8 @@ def get_args(argv=None):
     ae.add_runtime_args(p, "the UNet")
     args = ae.apply_preset(p.parse_args(argv), PRESETS)
     args.out = args.out or ("runs/toy" if args.toy else f"runs/ldm-{args.preset}")
+    if args.workers is None:
+        args.workers = 4 if args.device.startswith("cuda") else 0
     return args
 
 
@@ -588,8 +630,9 @@ def check_args(args):
     def need(ok, msg):
         if not ok:
             raise UserError(msg)
-    need(args.steps > 0 and args.batch > 0 and args.every > 0,
-         "--steps, --batch and --every must be positive")
+    for name in ("steps", "batch", "accum", "every", "log_every"):
+        need(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive")
+    need(args.workers >= 0, "--workers must be >= 0")
     need(0 <= args.p_uncond < 1, "--p-uncond must be in [0, 1)")
     need(0 <= args.ema < 1, "--ema must be in [0, 1)")
     need(args.ch > 0 and args.num_res > 0, "--ch and --num-res must be positive")
@@ -597,8 +640,6 @@ def check_args(args):
          "--heads must divide the UNet widths")
     need(args.device == "cpu" or torch.cuda.is_available(),
          f"--device {args.device}: CUDA is not available here; use --device cpu")
-    need(args.amp == "none" or args.device.startswith("cuda"),
-         "--amp bf16 is for CUDA; on a CPU train in float32 (leave --amp out)")
     need(args.batch % world() == 0,
          f"--batch {args.batch} must be divisible by the {world()} processes")
 
@@ -646,27 +687,38 @@ def sample_grid(model, ae_model, n, steps, path, seed=0):
     ae.view_grid(ae_model, ae_model.decode(z.to(next(ae_model.parameters()).device)), 20.0, path)
 
 
-def train_step(model, ema, opt, x0, labels, step, args, autocast):
-    """One optimiser step on a batch of normalised latents x0 (B, C, h, w), then the EMA update.
-    Returns the logged values."""
+def train_step(model, ema, opt, batches, step, args, autocast):
+    """One optimiser step over the micro-batches [(x0, labels), ...] of normalised latents
+    x0 (B, C, h, w), then the EMA update. Returns the logged values (scalar tensors)."""
     model.train()
-    with autocast:
-        # t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps,
-        # loss = |net(x_t, t, y) - target|^2 with target eps or v (LatentDiffusion.loss).
-        loss = model.loss(x0, labels, args.p_uncond)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    params = [p for group in opt.param_groups for p in group["params"]]
-    ae.all_reduce_grads(params)                       # average the ranks' gradients (DDP)
-    gnorm = nn.utils.clip_grad_norm_(params, args.grad_clip) if args.grad_clip > 0 else None
-    opt.step()
+    losses = []
+
+    def micro(x0, labels):
+        def run():
+            with autocast:
+                # t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps,
+                # loss = |net(x_t, t, y) - target|^2 with target eps or v (LatentDiffusion.loss).
+                loss = model.loss(x0, labels, args.p_uncond)
+            losses.append(loss.detach())
+            return loss
+        return run
+    logs = {}
+    # Accumulation over micro-batches, one all-reduce across ranks, clipping, the update.
+    ae.optimiser_step(opt, [micro(x0, y) for x0, y in batches], args.grad_clip, logs)
     # EMA with a warm-up (decay grows from 0.1 towards args.ema): early EMA weights are
     # not stuck on the random init.
     ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
-    logs = dict(loss=loss.item())
-    if gnorm is not None:
-        logs["gnorm"] = gnorm.item()
-    return logs
+    return dict(loss=torch.stack(losses).mean(), **logs)
+
+
+def read_batch(cache, model, step, micro, args, device):
+    """This rank's micro-batch `micro` of `step`, read from the memory-mapped cache (only these
+    rows come off the disk) -> normalised latents (B, C, h, w), labels (B,) or None."""
+    idx = np.array([i for i, _ in ae.batch_indices(step, len(cache["z"]), args.batch, args.seed,
+                                                   micro, args.accum)])
+    z = torch.from_numpy(np.ascontiguousarray(cache["z"][idx])).to(device)
+    labels = cache["labels"][idx].to(device) if cache["use_labels"] else None
+    return model.normalize(z), labels
 
 
 def train(args):
@@ -675,7 +727,6 @@ def train(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    torch.manual_seed(args.seed)
 
     # --- the frozen autoencoder and the latents ---
     if not args.ae:
@@ -687,61 +738,60 @@ def train(args):
     if not root or not os.path.isdir(root):
         raise UserError(f"the autoencoder's data folder {root!r} is gone; give --data")
     os.makedirs(args.out, exist_ok=True)
-    cache = latent_cache(args.ae, ae_model, root, args.out, device, flip=not args.no_flip)
-    z_all = cache["z"]                                                       # (N, C, h, w)
+    cache = latent_cache(args.ae, ae_model, root, args.out, device, flip=not args.no_flip,
+                         workers=args.workers)
+    z_all = cache["z"]                                       # (N, C, h, w), memory-mapped
     # Class-conditional when the folder has class sub-folders (and --uncond is not given).
     classes = [] if args.uncond else cache["classes"]
-    labels_all = cache["labels"] if classes else None
+    cache["use_labels"] = bool(classes)
 
     # --- model, EMA, optimiser ---
     config = model_config(args, z_all.shape[1:], classes)
     config.update(ae_id=cache["ae_id"], ae_path=os.path.abspath(args.ae))
+    torch.manual_seed(args.seed)                    # the same initial weights on every rank
     model = LatentDiffusion(config).to(device)
     # The latent scale (and shift), measured once from the data, stored in the checkpoint.
-    model.latent_mean.copy_(z_all.mean((0, 2, 3)))
-    model.latent_std.copy_(z_all.std((0, 2, 3)).clamp_min(1e-6))
+    mean, std = channel_stats(z_all)
+    model.latent_mean.copy_(mean)
+    model.latent_std.copy_(std.clamp_min(1e-6))
     # The EMA copy is what samples (DDPM, App. B; every diffusion model since): averaging the
     # weights over the last ~1/(1 - decay) steps smooths out the noise of SGD on a noisy loss.
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    # Same initial weights on every rank (seeded above), but each rank its own t and noise.
-    torch.manual_seed(args.seed + rank())
+    torch.manual_seed(args.seed + rank())           # but each rank its own t and noise
     ckpt_path, step = os.path.join(args.out, "ckpt.pt"), 0
     if args.resume:
-        step = ae.resume_from(ckpt_path, CKPT_KIND, config, model=model, ema=ema, opt=opt)
-    if args.compile:
-        if device.type == "cuda":
-            model.net.compile()                     # in place: state_dict keys unchanged
-        elif is_main():
-            print("note: --compile is for CUDA; running eagerly on the CPU")
-    # All latents live on the device at once: 20k images + mirrors = 40k x 4x32x32 = 655 MB fp32.
-    x_all = model.normalize(z_all.to(device))                                # (N, C, h, w)
-    y_all = labels_all.to(device) if labels_all is not None else None
+        step = ae.resume_from(ckpt_path, CKPT_KIND, config, args.seed, model=model, ema=ema,
+                              opt=opt)
+    if args.compile:                                # CUDA: Triton; CPU: inductor's C++
+        model.net.compile()                         # in place: state_dict keys unchanged
     if is_main():
         n_par = sum(p.numel() for p in model.parameters())
         print(f"latents: {len(z_all)} of shape {tuple(z_all.shape[1:])} "
               f"({'with' if cache['flip'] else 'without'} mirrored copies), classes: "
               f"{', '.join(classes) if classes else 'none (unconditional)'}")
         print(f"UNet {n_par / 1e6:.2f} M parameters; {args.schedule} schedule, predicts "
-              f"{args.pred}; {world()} process(es) on {device}")
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.amp == "bf16")
+              f"{args.pred}; {world()} process(es) on {device}; batch {args.batch} x "
+              f"{args.accum} accumulated")
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
 
     bar = tqdm(total=args.steps, initial=step, disable=not is_main(), dynamic_ncols=True)
-    history, t_last = [], time.time()
+    history, sums, t_last, step_last = [], {}, time.time(), step
     while step < args.steps:
-        # This rank's slice of the global batch, a pure function of the step (exact resume).
-        idx = torch.tensor(ae.batch_indices(step, len(x_all), args.batch, args.seed),
-                           device=device)
-        logs = train_step(model, ema, opt, x_all[idx], None if y_all is None else y_all[idx],
-                          step, args, autocast)
+        # This rank's slices of the global batch, a pure function of the step (exact resume).
+        batches = [read_batch(cache, model, step, k, args, device) for k in range(args.accum)]
+        logs = train_step(model, ema, opt, batches, step, args, autocast)
         step += 1
-        history.append(logs)
-        if is_main():
-            now = time.time()
-            logs["z/s"] = args.batch / max(now - t_last, 1e-9)
-            t_last = now
-            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()}, refresh=False)
-            bar.update(1)
+        bar.update(1)
+        # Summed on the device; read by the host (one sync) every --log-every steps.
+        sums = {k: sums.get(k, 0) + v for k, v in logs.items()}
+        if step % args.log_every == 0 or step == args.steps:
+            n, now = step - step_last, time.time()
+            means = {k: v / n for k, v in zip(sums, torch.stack(list(sums.values())).tolist())}
+            means["z/s"] = args.batch * args.accum * n / max(now - t_last, 1e-9)
+            t_last, step_last, sums = now, step, {}
+            history.append(dict(step=step, **means))
+            bar.set_postfix({k: f"{v:.3g}" for k, v in means.items()})
         # --- sample grid + checkpoint (rank 0 writes; every rank hands over its RNG state) ---
         if step % args.every == 0 or step == args.steps:
             if is_main():

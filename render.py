@@ -243,8 +243,9 @@ _compiled = {}
 
 
 def _query_fn(compile, device):
-    """torch.compile the hot path on CUDA when asked; eager everywhere else (CPU always works)."""
-    if not (compile and device.type == "cuda"):
+    """torch.compile the hot path when asked (CUDA: Triton kernels; CPU: C++ from inductor,
+    which needs a C++ compiler on the machine); eager otherwise."""
+    if not compile:
         return _query
     if "fn" not in _compiled:
         _compiled["fn"] = torch.compile(_query, dynamic=False)
@@ -274,7 +275,7 @@ def render(planes, field, cam2world, fov_deg, res, radius=None, n_coarse=48, n_f
                from cam2world)
     n_coarse, n_fine  stratified samples per ray, then importance samples from their weights
     chunk      rays evaluated at once (over the whole batch): bounds memory at high resolution
-    compile    run the per-sample hot path through torch.compile (CUDA only; eager on CPU)
+    compile    run the per-sample hot path through torch.compile (any device)
 
     Returns dict of (B, ., H, W) maps: features (F channels), depth (z-depth along the camera's
     optical axis, world units; composited as sum_i w_i z_i, so it shrinks towards 0 where the

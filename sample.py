@@ -627,7 +627,7 @@ def estimate_demo(ae_args, ldm_args, args, data_root):
     B, res = warm.batch, warm.res
     image = torch.rand(B, 3, res, res, device=device) * 2 - 1
     depth = 1 + 3 * torch.rand(B, 1, res, res, device=device)
-    per = seconds_per_call(lambda: ae.autoencoder_step(model, disc, opt, image, depth, warm,
+    per = seconds_per_call(lambda: ae.autoencoder_step(model, disc, opt, [(image, depth)], warm,
                                                        warm.adv_weight > 0, None, plain))
     left = ae_args.steps - steps_done(os.path.join(ae_args.out, "ckpt.pt"))
     est["autoencoder"] = (per * left, f"train the tiny autoencoder: {left} steps x "
@@ -638,8 +638,8 @@ def estimate_demo(ae_args, ldm_args, args, data_root):
     ema = diffusion.LatentDiffusion(diffusion.model_config(ldm_args, shape, [])).to(device)
     opt = torch.optim.AdamW(ldm.parameters(), lr=ldm_args.lr)
     x0 = torch.randn(ldm_args.batch, *shape, device=device)
-    per = seconds_per_call(lambda: diffusion.train_step(ldm, ema, opt, x0, None, 0, ldm_args,
-                                                        plain))
+    per = seconds_per_call(lambda: diffusion.train_step(ldm, ema, opt, [(x0, None)], 0,
+                                                        ldm_args, plain))
     left = ldm_args.steps - steps_done(os.path.join(ldm_args.out, "ckpt.pt"))
     est["diffusion"] = (per * left, f"encode the scenes, train the tiny diffusion model: "
                                     f"{left} steps x {per * 1e3:.0f} ms")

@@ -96,16 +96,50 @@ def test_class_labels_from_subfolders(tmp_path):
     assert ImageFolder(str(tmp_path), 8, labels=False, verbose=False)[0]["label"] == -1
 
 
-def test_flip_mirrors_image_and_depth_together(tmp_path):
+def test_mirror_key_flips_image_and_depth_together(tmp_path):
     make_folder(tmp_path, n=1, depth=True)
-    plain = ImageFolder(str(tmp_path), 16, verbose=False)[0]
-    ds = ImageFolder(str(tmp_path), 16, flip=True, verbose=False)
-    torch.manual_seed(0)
-    items = [ds[0] for _ in range(20)]
-    flipped = [it for it in items if not torch.equal(it["image"], plain["image"])]
-    assert 0 < len(flipped) < 20
-    assert all(torch.equal(it["image"], plain["image"].flip(-1)) and
-               torch.equal(it["depth"], plain["depth"].flip(-1)) for it in flipped)
+    ds = ImageFolder(str(tmp_path), 16, verbose=False)
+    plain, mirrored = ds[0], ds[(0, True)]
+    assert torch.equal(ds[(0, False)]["image"], plain["image"])
+    assert not torch.equal(mirrored["image"], plain["image"])
+    assert torch.equal(mirrored["image"], plain["image"].flip(-1))
+    assert torch.equal(mirrored["depth"], plain["depth"].flip(-1))
+
+
+def test_pack_gives_the_same_items_as_the_folder(tmp_path):
+    make_folder(tmp_path / "f", n=5, classes=["cat", "dog"], depth=True)
+    ds = ImageFolder(str(tmp_path / "f"), 16, verbose=False)
+    out = data.pack(str(tmp_path / "f"), 16, workers=0, verbose=False)
+    assert out == str(tmp_path / "f" / "_pack-16") and not any(
+        ".tmp" in f for f in os.listdir(tmp_path / "f"))
+    packed = data.open_folder(out, 16)
+    assert isinstance(packed, data.PackedFolder) and len(packed) == 5
+    assert packed.classes == ["cat", "dog"] and packed.files == ds.files
+    # The folder is still scanned as 5 images: the pack (an _ folder) is not mistaken for more.
+    assert len(ImageFolder(str(tmp_path / "f"), 16, verbose=False)) == 5
+    for key in (0, (3, True)):
+        a, b = ds[key], packed[key]
+        assert torch.equal(a["image"], b["image"]) and a["label"] == b["label"]
+        # depth is stored as float16: 3 significant digits
+        assert torch.allclose(a["depth"], b["depth"], rtol=1e-3)
+    # A pack is read through memory maps opened lazily: pickling it (what a DataLoader worker
+    # receives) carries file names, not the arrays.
+    import pickle
+    assert len(pickle.dumps(packed)) < 4000
+    with pytest.raises(UserError, match="holds 16 px images.*--res 8"):
+        data.open_folder(out, 8)
+
+
+def test_a_loader_with_workers_reads_a_folder_lazily(tmp_path):
+    """Workers decode the items; the dataset itself holds file names, not pixels."""
+    import pickle
+    make_folder(tmp_path, n=6, depth=True)
+    ds = ImageFolder(str(tmp_path), 16, verbose=False)
+    assert len(pickle.dumps(ds)) < 4000 and not hasattr(ds, "images")
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2)
+    batches = list(loader)
+    assert [b["image"].shape for b in batches] == [(3, 3, 16, 16)] * 2
+    assert torch.equal(batches[1]["image"][2], ds[5]["image"])
 
 
 def test_bad_folders(tmp_path):
@@ -126,11 +160,18 @@ def test_corrupt_files_are_counted(tmp_path):
         warnings.simplefilter("always")
         ds = ImageFolder(str(tmp_path), 16, verbose=False)
     text = " ".join(str(w.message) for w in caught)
-    assert len(ds) == 4
-    assert "broken.png" in text and "truncated.png" in text and "skipped 2" in text
+    # The header check at start-up finds the file that is not an image...
+    assert len(ds) == 5
+    assert "broken.png" in text and "skipped 1" in text
+    # ...the truncated one fails when decoded: it is named, counted, and the next image
+    # stands in for it (a training run never stops on one bad file, nor hides it).
+    i = ds.files.index("truncated.png")
+    with pytest.warns(UserWarning, match="truncated.png.*using the next image; 1 so far"):
+        item = ds[i]
+    assert torch.equal(item["image"], ds[(i + 1) % len(ds)]["image"])
     for i in range(5):                                 # now most files are bad: stop
         (tmp_path / f"junk{i}.jpg").write_bytes(b"junk")
-    with pytest.raises(UserError, match="7 of 11 images could not be read"):
+    with pytest.raises(UserError, match="6 of 11 images could not be read"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ImageFolder(str(tmp_path), 16, verbose=False)
@@ -148,8 +189,16 @@ def test_bad_depth_maps(tmp_path):
     with pytest.raises(UserError, match="1 of 3 images have no depth map.*img2"):
         ImageFolder(str(tmp_path), 16, verbose=False)
     np.save(tmp_path / "depth" / "img2.npy", np.full((24, 24), np.nan, np.float32))
+    ds = ImageFolder(str(tmp_path), 16, verbose=False)     # NaNs are only seen when decoded
     with pytest.raises(UserError, match="img2.npy.*NaN"):
-        ImageFolder(str(tmp_path), 16, verbose=False)
+        ds[2]
+    # ...in a DataLoader worker too: the command line still prints the one original line.
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "pack", str(tmp_path),
+                        "--res", "16", "--workers", "1"], capture_output=True, text=True)
+    last = p.stderr.strip().splitlines()[-1]                 # (above it: progress bars)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert last.startswith("error: ") and "img2.npy: depth map contains NaN" in last
+    assert not [f for f in os.listdir(tmp_path) if "pack" in f]   # and no half pack is left
     np.save(tmp_path / "depth" / "img2.npy", np.ones((24, 48), np.float32))
     with pytest.raises(UserError, match="img2.npy.*aspect"):
         ImageFolder(str(tmp_path), 16, verbose=False)

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -228,9 +229,12 @@ def test_training_writes_grids_checkpoint_and_resumes_bit_exactly(ae_ckpt, tmp_p
     model = D.load(str(tmp_path / "b" / "ckpt.pt"))
     assert not model.training and model.config["classes"] == ["a", "b"]
     assert model.config["ae_id"] == D.file_id(ae_ckpt)
-    cache = torch.load(tmp_path / "a" / "latents.pt", weights_only=True)
-    assert cache["z"].shape == (12, 4, 4, 4)                 # 6 images + their mirror images
-    assert torch.allclose(model.latent_mean, cache["z"].mean((0, 2, 3)))
+    z = torch.from_numpy(np.load(tmp_path / "a" / "latents" / "z.npy"))
+    assert z.shape == (12, 4, 4, 4)                          # 6 images + their mirror images
+    assert torch.allclose(model.latent_mean, z.mean((0, 2, 3)), atol=1e-6)
+    assert torch.allclose(model.latent_std, z.std((0, 2, 3)), atol=1e-6)
+    assert not os.listdir(tmp_path / "a") == [] and not any(".tmp" in f for f in
+                                                            os.listdir(tmp_path / "a"))
     z = D.ddim_sample(model, (2, 4, 4, 4), steps=3, labels=torch.tensor([0, 1]), cfg=2.0)
     assert z.shape == (2, 4, 4, 4) and torch.isfinite(z).all()
 
@@ -285,5 +289,5 @@ def test_ddp_two_processes_keep_identical_weights(ae_ckpt, tmp_path):
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert os.path.isfile(tmp_path / "ckpt.pt") and os.path.isfile(tmp_path / "latents.pt")
+    assert os.path.isfile(tmp_path / "ckpt.pt") and os.path.isdir(tmp_path / "latents")
     assert not torch.equal(a["net.conv_out.weight"], torch.zeros_like(a["net.conv_out.weight"]))
