@@ -11,7 +11,7 @@ Conventions).
 
     python autoencoder.py --preset tiny                       # 2-core CPU: 8-27 min (README)
     python autoencoder.py --data photos/ --out runs/ae        # one GPU, 256 px
-    python autoencoder.py --data photos/ --amp bf16 --compile # bf16 + torch.compile, CUDA
+    python autoencoder.py --data photos/ --amp bf16 --compile # bf16 + torch.compile, any device
     torchrun --nproc_per_node=4 autoencoder.py --data photos/ # 4 GPUs, data parallel
     python autoencoder.py --eval runs/ae/ckpt.pt              # novel-view PSNR vs baselines
 
@@ -159,8 +159,12 @@ class Decoder(nn.Module):
             # convolutions learn a 2x zoom from z's grid to the plane's (measured: -2 dB at yaw
             # 20 on the tiny preset). Instead the CNN output (R/2 texels, aligned with z) *is*
             # the central half, and the contracted outer ring continues its border outwards.
-            q = self.plane_res // 4
-            planes = F.pad(planes, (q, q, q, q), mode="replicate")           # (B, 3C, R, R)
+            # Replicate-padding by q texels, written as a gather: index -q..n+q-1 clamped
+            # into the CNN's n = R/2 texels (the same numbers as F.pad(mode="replicate"),
+            # whose backward fails under torch.compile on a CPU in torch 2.13).
+            q, n = self.plane_res // 4, planes.shape[-1]
+            idx = torch.arange(-q, n + q, device=planes.device).clamp(0, n - 1)
+            planes = planes[..., idx, :][..., idx]                           # (B, 3C, R, R)
         return planes.view(B, 3, self.plane_ch, self.plane_res, self.plane_res)
 
 
@@ -229,7 +233,7 @@ class AutoEncoder(nn.Module):
                                centre=c.get("plane_layout") == "centre")
         self.field = Field(c["plane_ch"], c["hidden"], c["feat_ch"])
         self.upsampler = Upsampler(c["feat_ch"], c["up_ch"], c["res"] // c["render_res"])
-        self.compile = False                          # set by the training script on CUDA
+        self.compile = False                          # set by the training script (--compile)
 
     def posterior(self, image, depth=None):
         """image (B, 3, H, W) in [-1, 1], depth (B, 1, H, W) -> mean, logvar (B, z_ch, h, w)."""
@@ -785,9 +789,10 @@ def all_reduce_grads(params):
 @functools.lru_cache(maxsize=4)
 def epoch_order(seed, epoch, n):
     """One epoch's data order, from (seed, epoch) alone: a permutation of 0..n-1 (n,) and a
-    mirror bit per position (n,). Cached: a step needs only its epoch (or two at the seam)."""
+    mirror bit per position (n,), as numpy arrays (9 bytes per image: 12 MB for ImageNet).
+    Cached: a step needs only its epoch (or two at the seam)."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g).tolist(), (torch.rand(n, generator=g) < 0.5).tolist()
+    return torch.randperm(n, generator=g).numpy(), (torch.rand(n, generator=g) < 0.5).numpy()
 
 
 def batch_indices(step, n, batch, seed, micro=0, accum=1):
@@ -803,7 +808,7 @@ def batch_indices(step, n, batch, seed, micro=0, accum=1):
     out = []
     for i in range(first, first + per):
         order, mirror = epoch_order(seed, i // n, n)
-        out.append((order[i % n], mirror[i % n]))
+        out.append((int(order[i % n]), bool(mirror[i % n])))
     return out
 
 
@@ -997,6 +1002,21 @@ def optimiser_step(opt, micro_losses, grad_clip, logs):
     opt.step()
 
 
+def add_logs(sums, logs):
+    """Add a step's logs (scalar tensors) to running sums kept on the device, with a count per
+    key (a loss may start mid-way, like the adversarial one)."""
+    for k, v in logs.items():
+        total, count = sums.get(k, (0, 0))
+        sums[k] = (total + v, count + 1)
+
+
+def read_logs(sums):
+    """The running sums' means, read from the device in one transfer: one sync with the GPU
+    per --log-every steps, instead of one per loss term and step."""
+    values = torch.stack([total for total, _ in sums.values()]).tolist()
+    return {k: v / count for (k, (_, count)), v in zip(sums.items(), values)}
+
+
 def mean_logs(logs_list):
     """Micro-batches' logs (dicts of scalar tensors) -> one dict of their means."""
     return {k: torch.stack([l[k] for l in logs_list]).mean() for k in logs_list[0]}
@@ -1107,16 +1127,12 @@ def train(args):
         step += 1
         # Losses stay on the device and are summed there; the host reads them (one sync)
         # only every --log-every steps, so the GPU never waits for the Python loop.
-        for k, v in logs.items():
-            total, count = sums.get(k, (0, 0))
-            sums[k] = (total + v, count + 1)
+        add_logs(sums, logs)
         bar.update(1)
 
         # --- logging ---
         if step % args.log_every == 0 or step == args.steps:
-            values = torch.stack([total for total, _ in sums.values()]).tolist()
-            means = {k: v / c for (k, (_, c)), v in zip(sums.items(), values)}
-            now = time.time()
+            means, now = read_logs(sums), time.time()
             means["img/s"] = args.batch * args.accum * (step - step_last) / max(now - t_last,
                                                                                  1e-9)
             t_last, step_last, sums = now, step, {}

@@ -3,7 +3,8 @@ bench.py -- speed and memory of each stage, measured the same way every time.
 
     python bench.py                      # every case on the best device here
     python bench.py render --device cpu  # one case
-    python bench.py render --compile     # the hot path through torch.compile (CUDA)
+    python bench.py render --compile     # the hot path through torch.compile (any device)
+    python bench.py data budget          # the loader on 2k vs 20k images; FLOPs and memory
     python bench.py --json bench.json    # also write the numbers as JSON
 
 Each case runs a few warm-up iterations (allocator, compilation), then times `--iters` more,
@@ -96,13 +97,14 @@ def bench_render(device, args):
     cams = render.orbit_camera(torch.tensor([-15.0, 15.0]), torch.tensor([5.0, -5.0]), 2.7)
 
     def step():
-        out = render.render(planes, field, cams.to(device), 40.0, res, n_coarse=S, n_fine=S,
-                            perturb=True, compile=args.compile)
-        (out["features"].square().mean() + out["depth"].mean()).backward()
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16"):
+            out = render.render(planes, field, cams.to(device), 40.0, res, n_coarse=S, n_fine=S,
+                                perturb=True, compile=args.compile)
+        (out["features"].float().square().mean() + out["depth"].float().mean()).backward()
     sec = timed(step, device, args.warmup, args.iters)
     samples = B * res * res * 2 * S
     return dict(case="render", ms_per_iter=1e3 * sec, samples_per_s=samples / sec,
-                rays_per_s=B * res * res / sec, peak_mem_mb=peak_memory_mb(device),
+                rays_per_s=B * res * res / sec, peak_mem_mb=peak_memory_mb(device), amp=args.amp,
                 config=f"B={B} {res}x{res} rays, {S}+{S} samples, planes 3x32x128^2, MLP 64")
 
 
@@ -218,25 +220,57 @@ def make_image_folder(root, n, res=32):
     return root
 
 
+def proc_memory_mb(pid="self"):
+    """Linux: (peak resident MB, resident anonymous MB now) of a process. Resident memory also
+    counts file pages mapped in (a pack's memory maps, with the kernel's read-ahead): those are
+    the page cache, shared and dropped under pressure; anonymous memory is what the process
+    itself holds."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            kv = dict(line.split(":", 1) for line in f)
+    except OSError:
+        return 0.0, 0.0
+    kb = lambda k: float(kv.get(k, "0 kB").split()[0]) / 1024
+    return kb("VmHWM"), kb("RssAnon")
+
+
+def children():
+    """Process ids whose parent is this process (a DataLoader's workers), Linux only."""
+    import os
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                    out.append(pid)
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
 def data_run(root, workers, batch, images):
     """One measurement, in a fresh process: open ROOT (folder or pack) as the training script
     does, read `images` images through the training loader, report start-up seconds,
-    images/s and peak resident memory of this process and of its largest worker."""
+    images/s and memory: peak resident and largest anonymous, of this process and of its
+    largest worker."""
     import autoencoder as ae
     import data
     t0 = time.perf_counter()
     ds = data.open_folder(root, 32, depth=True, verbose=False)
     start = time.perf_counter() - t0
-    steps = images // batch
-    loader = ae.make_loader(ds, ae.StepBatches(len(ds), batch, 0, 0, steps), workers,
+    loader = ae.make_loader(ds, ae.StepBatches(len(ds), batch, 0, 0, images // batch), workers,
                             torch.device("cpu"))
-    t0 = time.perf_counter()
-    n = sum(len(b["image"]) for b in loader)
+    t0, n, anon, workers_mem = time.perf_counter(), 0, 0.0, [(0.0, 0.0)]
+    for i, b in enumerate(loader):
+        n += len(b["image"])
+        anon = max(anon, proc_memory_mb()[1])
+        if i == images // batch - 2:                  # the workers, while they still run
+            workers_mem += [proc_memory_mb(pid) for pid in children()]
     sec = time.perf_counter() - t0
-    kb = lambda who: resource.getrusage(who).ru_maxrss / 1024
     return dict(images=len(ds), startup_s=start, images_per_s=n / sec,
-                peak_rss_main_mb=kb(resource.RUSAGE_SELF),
-                peak_rss_worker_mb=kb(resource.RUSAGE_CHILDREN) if workers else 0.0)
+                main_peak_rss_mb=proc_memory_mb()[0], main_anon_mb=anon,
+                worker_peak_rss_mb=max(m[0] for m in workers_mem),
+                worker_anon_mb=max(m[1] for m in workers_mem))
 
 
 def bench_data(device, args):
@@ -261,8 +295,9 @@ def bench_data(device, args):
             r = dict(kind=kind, workers=args.workers, **json.loads(p.stdout.splitlines()[-1]))
             out.append(r)
             print(f"  {kind:6s} {n:6d} images: start-up {r['startup_s']:.2f} s, "
-                  f"{r['images_per_s']:.0f} images/s, peak RSS main {r['peak_rss_main_mb']:.0f}"
-                  f" MB, largest worker {r['peak_rss_worker_mb']:.0f} MB")
+                  f"{r['images_per_s']:.0f} images/s; main process: peak RSS "
+                  f"{r['main_peak_rss_mb']:.0f} MB, anonymous {r['main_anon_mb']:.0f} MB; largest"
+                  f" worker: {r['worker_peak_rss_mb']:.0f} MB, {r['worker_anon_mb']:.0f} MB")
     return dict(case="data", runs=out, config=f"32 px PNG + .npy depth, batch 64, "
                 f"{args.data_images} images read, {args.workers} workers")
 
@@ -321,6 +356,9 @@ def bench_budget(device, args):
     for preset in ("tiny", "base"):
         a = ae.get_args(["--preset", preset, "--fov-deg", "40", "--radius", "2.7"])
         a.adv_weight = max(a.adv_weight, 0.05)        # the full step: novel view + D
+        # R1's double backward through D is left out: FlopCounterMode cannot follow the
+        # autograd.grad inside a counted backward (and D is a small share of the step).
+        a.r1_gamma = 0.0
         model, disc, _, _ = ae.build(a, device)
         data = lambda B: (torch.rand(B, 3, a.res, a.res, device=device) * 2 - 1,
                           2 + torch.rand(B, 1, a.res, a.res, device=device))
@@ -380,7 +418,7 @@ def main():
     p.add_argument("--batch", type=int, default=0,
                    help="ae-step batch (0: the preset's; base's 16 needs > 23 GB on a CPU)")
     p.add_argument("--amp", default="none", choices=["none", "bf16"],
-                   help="bf16 autocast in ae-step (CUDA or CPU)")
+                   help="bf16 autocast in the render and ae-step cases (CUDA or CPU)")
     p.add_argument("--data-dir", default="/tmp/wildfusion-bench-data",
                    help="data case: where its 2k and 20k test images are made (once)")
     p.add_argument("--data-images", type=int, default=6400, help="data case: images read")

@@ -783,12 +783,10 @@ def train(args):
         logs = train_step(model, ema, opt, batches, step, args, autocast)
         step += 1
         bar.update(1)
-        # Summed on the device; read by the host (one sync) every --log-every steps.
-        sums = {k: sums.get(k, 0) + v for k, v in logs.items()}
+        ae.add_logs(sums, logs)          # summed on the device, read every --log-every steps
         if step % args.log_every == 0 or step == args.steps:
-            n, now = step - step_last, time.time()
-            means = {k: v / n for k, v in zip(sums, torch.stack(list(sums.values())).tolist())}
-            means["z/s"] = args.batch * args.accum * n / max(now - t_last, 1e-9)
+            means, now = ae.read_logs(sums), time.time()
+            means["z/s"] = args.batch * args.accum * (step - step_last) / max(now - t_last, 1e-9)
             t_last, step_last, sums = now, step, {}
             history.append(dict(step=step, **means))
             bar.set_postfix({k: f"{v:.3g}" for k, v in means.items()})

@@ -390,3 +390,13 @@ def test_resume_with_another_number_of_processes_is_announced(scenes, tmp_path, 
                               "--adv-weight", "0", "--resume"))
     assert "saved by 2 process(es), this run has 1" in capsys.readouterr().out
     assert run["history"][-1]["step"] == 3
+
+
+@pytest.mark.slow
+def test_training_with_compile_and_bf16_on_a_cpu(scenes, tmp_path):
+    """The whole training script through torch.compile (inductor's C++ on a CPU) and bf16
+    autocast: it runs, and its losses are finite (slow: compiling takes minutes)."""
+    run = ae.train(micro_args(scenes, tmp_path, "--steps", "2", "--adv-start", "0", "--every",
+                              "2", "--log-every", "1", "--compile", "--amp", "bf16"))
+    assert all(math.isfinite(v) for h in run["history"] for v in h.values())
+    assert {"rgb", "depth", "g", "d"} <= set(run["history"][0])
