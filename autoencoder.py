@@ -593,7 +593,8 @@ def get_args(argv=None):
     a("--preset", default="base", choices=list(PRESETS), help="a complete set of defaults")
     a("--data", help="image folder (default: synthetic scenes rendered into data/scenes-RES)")
     a("--out", default=None, help="run folder (default runs/ae-PRESET)")
-    a("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    a("--resume", action="store_true", help="continue from OUT/ckpt.pt (from step 0 while "
+      "there is none: safe on every launch of a preemptible job)")
     a("--eval", metavar="CKPT", help="evaluate a checkpoint on --data's held-out views and exit")
     # model (None: take the preset's value)
     for k in MODEL_KEYS:
@@ -733,11 +734,9 @@ def default_data(args):
             raise UserError(f"no --data given and {root} has no scenes yet: render them once "
                             f"before torchrun, `python scenes.py {root} --n {args.n_scenes} "
                             f"--res {max(args.res, 64)} --heldout 64`, or pass --data")
-        if is_main():
-            print(f"no --data given: rendering {args.n_scenes} synthetic scenes into {root} "
-                  f"(once; later runs reuse them)")
-            scenes.make_scenes(root, args.n_scenes, res=max(args.res, 64), heldout=64)
-        barrier()
+        print(f"no --data given: rendering {args.n_scenes} synthetic scenes into {root} "
+              f"(once; later runs reuse them)")
+        scenes.make_scenes(root, args.n_scenes, res=max(args.res, 64), heldout=64)
     return root
 
 
@@ -752,11 +751,6 @@ def world():
 
 def is_main():
     return rank() == 0
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def setup_distributed(args):
@@ -856,7 +850,14 @@ def resume_from(path, kind, config, seed, **objects):
     With another number of processes than the checkpoint's, the data order still continues
     where it stopped (it depends on the step, not the processes), but the saved RNG states (one
     per process) no longer match: each process then draws a fresh one from (seed, step, rank),
-    and the run goes on as a correct but no longer bit-exact continuation."""
+    and the run goes on as a correct but no longer bit-exact continuation.
+
+    No checkpoint yet: a fresh start from step 0, so that every launch of a preemptible job
+    (SLURM requeue, README) can pass --resume."""
+    if not os.path.exists(path):
+        if is_main():
+            print(f"note: --resume, but no {path} yet: starting from step 0")
+        return 0
     ckpt = load_checkpoint(path, kind, f"a {kind} checkpoint to resume")
     if ckpt["config"] != config:
         raise UserError(f"{path}: was trained with another model configuration (or data); "

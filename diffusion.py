@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import autoencoder as ae
 import data as data_mod
-from autoencoder import barrier, is_main, rank, world
+from autoencoder import is_main, rank, world
 from data import UserError
 
 CKPT_KIND = "wildfusion-diffusion"
@@ -536,7 +536,11 @@ def latent_cache(ae_path, ae_model, root, out, device, flip=True, workers=0):
             json.dump(dict(kind=CACHE_KIND, ae_id=ae_id, data=root, flip=flip,
                            classes=classes), f)
         os.replace(tmp, path)
-    barrier()
+    # The other processes wait for the folder to appear, polling the file system, not in a
+    # collective: encoding a large data set in one process can outlast a collective's timeout
+    # (10 minutes). (torchrun stops them all if rank 0 fails meanwhile.)
+    while not os.path.isdir(path):
+        time.sleep(2)
     try:
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
@@ -588,7 +592,8 @@ def get_args(argv=None):
     a("--data", help="image folder (default: the folder the autoencoder was trained on)")
     a("--preset", default="base", choices=list(PRESETS))
     a("--out", default=None, help="run folder (default runs/ldm-PRESET)")
-    a("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    a("--resume", action="store_true", help="continue from OUT/ckpt.pt (from step 0 while "
+      "there is none: safe on every launch of a preemptible job)")
     a("--toy", action="store_true", help="train on 8 Gaussians on a ring instead and report "
       "how often each mode is sampled (no autoencoder needed)")
     a("--ch", type=int, default=None, help="UNet base width")

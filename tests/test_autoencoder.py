@@ -382,7 +382,11 @@ def test_workers_and_resume_give_the_batches_of_one_straight_run(scenes):
 
 
 def test_resume_with_another_number_of_processes_is_announced(scenes, tmp_path, capsys):
-    ae.train(micro_args(scenes, tmp_path, "--steps", "2", "--every", "2", "--adv-weight", "0"))
+    # --resume before any checkpoint exists (a preemptible job's first launch): from step 0.
+    ae.train(micro_args(scenes, tmp_path, "--steps", "2", "--every", "2", "--adv-weight", "0",
+                        "--resume"))
+    assert "starting from step 0" in capsys.readouterr().out
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     ck["rng"] = ck["rng"] * 2                         # as if saved by two processes
     torch.save(ck, tmp_path / "ckpt.pt")
