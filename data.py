@@ -531,6 +531,13 @@ def pack(root, res, out=None, workers=None, verbose=True):
                 source=os.path.abspath(root))
     with open(os.path.join(tmp, PACK_META), "w") as f:
         json.dump(meta, f)
+    # Synthetic scenes (scenes.py) record their camera in scenes.json: it travels with the pack,
+    # so a model trained on the pack uses it too (the held-out views stay in ROOT).
+    if os.path.isfile(os.path.join(root, "scenes.json")):
+        with open(os.path.join(root, "scenes.json")) as f:
+            scene_meta = dict(json.load(f), heldout=0)
+        with open(os.path.join(tmp, "scenes.json"), "w") as f:
+            json.dump(scene_meta, f)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)                  # visible only now, complete
     return out

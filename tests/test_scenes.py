@@ -46,3 +46,13 @@ def test_scenes_are_deterministic_and_a_valid_folder(tmp_path):
     assert not np.array_equal(np.asarray(Image.open(str(view) + ".png")),
                               np.asarray(Image.open(tmp_path / "a" / "_heldout" / "000006.png")))
     assert scenes.read_scene_meta(str(tmp_path / "a"))["fov_deg"] == scenes.SCENE_FOV
+
+
+def test_a_pack_of_scenes_keeps_their_camera(tmp_path):
+    import data
+    scenes.make_scenes(str(tmp_path / "s"), 3, res=16, heldout=1, views="20:0", aa=1,
+                       verbose=False)
+    out = data.pack(str(tmp_path / "s"), 16, workers=0, verbose=False)
+    meta, packed = scenes.read_scene_meta(str(tmp_path / "s")), scenes.read_scene_meta(out)
+    assert packed["fov_deg"] == meta["fov_deg"] and packed["radius"] == meta["radius"]
+    assert len(data.open_folder(out, 16)) == 3 and not packed["heldout"]
