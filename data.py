@@ -278,7 +278,7 @@ class ImageFolder(torch.utils.data.Dataset):
                             f"under {root}/depth/ (first: {missing[0]}); run `python data.py "
                             f"depth {root}` or train without depth")
 
-        # Read every header (a few hundred microseconds a file: 4 s for 20k files on a 2-core
+        # Read every header (a few hundred microseconds a file: 3-4 s for 20k files on a 2-core
         # CPU, measured; parsing is Python work, so threads were slower here, not faster).
         def header(i):
             path = os.path.join(root, files[i])
