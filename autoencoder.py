@@ -811,8 +811,8 @@ class StepBatches(torch.utils.data.Sampler):
     micro-batches of batch_indices in turn, as lists of (index, mirror) keys for ds[key].
     The DataLoader's workers decode them ahead of the training loop."""
 
-    def __init__(self, n, batch, seed, start, steps, accum=1, flip=True):
-        self.n, self.batch, self.seed, self.accum, self.flip = n, batch, seed, accum, flip
+    def __init__(self, n, batch, seed, start, steps, accum=1):
+        self.n, self.batch, self.seed, self.accum = n, batch, seed, accum
         self.start, self.steps = start, steps
 
     def __len__(self):
@@ -821,8 +821,7 @@ class StepBatches(torch.utils.data.Sampler):
     def __iter__(self):
         for step in range(self.start, self.steps):
             for k in range(self.accum):
-                yield [(i, m and self.flip) for i, m in
-                       batch_indices(step, self.n, self.batch, self.seed, k, self.accum)]
+                yield batch_indices(step, self.n, self.batch, self.seed, k, self.accum)
 
 
 def make_loader(ds, sampler, workers, device):
@@ -982,25 +981,33 @@ def autoencoder_loss(model, disc, image, depth, args, adv_on, lpips_fn):
     return loss, {k: v.detach() for k, v in logs.items()}, fake
 
 
-def optimiser_step(opt, micro_losses, grad_clip, logs):
+def optimiser_step(opt, batches, loss_fn, autocast, grad_clip=0.0):
     """Gradient accumulation, data parallelism and the update, shared by every training step.
 
-    micro_losses: one function per micro-batch that computes its loss. They are called one at
-    a time and each loss is backpropagated at once, divided by their number, so only one
-    micro-batch's activations are alive at a time and the summed gradient is that of the mean
-    loss over all of them: with per-image losses averaged over the batch, exactly the gradient
-    of one --accum times larger batch (tests/test_autoencoder.py checks it). The processes'
-    gradients are then averaged by one all-reduce (all_reduce_grads), once per optimiser step
-    and not per micro-batch: what DistributedDataParallel's no_sync() does for accumulation."""
+    loss_fn(*batch) -> (loss, logs of scalar tensors, anything else) for one micro-batch.
+    The micro-batches are run one at a time (under autocast) and each loss is backpropagated
+    at once, divided by their number, so only one micro-batch's activations are alive at a
+    time and the summed gradient is that of the mean loss over all of them: with per-image
+    losses averaged over the batch, exactly the gradient of one --accum times larger batch
+    (tests/test_autoencoder.py checks it). The processes' gradients are then averaged by one
+    all-reduce (all_reduce_grads), once per optimiser step and not per micro-batch: what
+    DistributedDataParallel's no_sync() does for accumulation.
+    Returns (the micro-batches' mean logs, plus gnorm when clipping; the list of extras)."""
     opt.zero_grad(set_to_none=True)
-    n = len(micro_losses)
-    for loss in micro_losses:
-        (loss() / n).backward()
+    logs_list, extras = [], []
+    for batch in batches:
+        with autocast:
+            loss, logs, extra = loss_fn(*batch)
+        (loss / len(batches)).backward()
+        logs_list.append(logs)
+        extras.append(extra)
+    logs = {k: torch.stack([l[k] for l in logs_list]).mean() for k in logs_list[0]}
     params = [p for group in opt.param_groups for p in group["params"]]
     all_reduce_grads(params)
     if grad_clip > 0:
         logs["gnorm"] = nn.utils.clip_grad_norm_(params, grad_clip).detach()
     opt.step()
+    return logs, extras
 
 
 def add_logs(sums, logs):
@@ -1018,47 +1025,23 @@ def read_logs(sums):
     return {k: v / count for (k, (_, count)), v in zip(sums.items(), values)}
 
 
-def mean_logs(logs_list):
-    """Micro-batches' logs (dicts of scalar tensors) -> one dict of their means."""
-    return {k: torch.stack([l[k] for l in logs_list]).mean() for k in logs_list[0]}
-
-
 def autoencoder_step(model, disc, opt, batches, args, adv_on, lpips_fn, autocast):
     """One optimiser step of the autoencoder over the micro-batches [(image, depth), ...].
     Returns (logs, novel views): logs of scalar tensors, and per micro-batch the
     discriminator's fake input (None when the adversarial loss is off)."""
     model.train()
-    logs_list, fakes = [], []
-
-    def micro(image, depth):
-        def run():
-            with autocast:
-                loss, logs, fake = autoencoder_loss(model, disc, image, depth, args, adv_on,
-                                                    lpips_fn)
-            logs_list.append(logs)
-            fakes.append(fake)
-            return loss
-        return run
-    step_logs = {}
-    optimiser_step(opt, [micro(image, depth) for image, depth in batches], args.grad_clip,
-                   step_logs)
-    return {**mean_logs(logs_list), **step_logs}, fakes
+    return optimiser_step(opt, batches, lambda image, depth: autoencoder_loss(
+        model, disc, image, depth, args, adv_on, lpips_fn), autocast, args.grad_clip)
 
 
 def discriminator_step(disc, opt_d, batches, fakes, args, autocast):
     """4. One optimiser step of the discriminator: (photo, its monocular depth) is real,
     (novel view, its rendered depth) is fake; the autoencoder's step above tried to fool it."""
-    logs_list = []
-
-    def micro(image, depth, fake):
-        def run():
-            with autocast:
-                loss_d, r1 = d_loss_fn(disc, disc.inputs(image, depth), fake, args.r1_gamma)
-            logs_list.append(dict(d=loss_d.detach(), r1=r1.detach()))
-            return loss_d
-        return run
-    optimiser_step(opt_d, [micro(i, d, f) for (i, d), f in zip(batches, fakes)], 0, {})
-    return mean_logs(logs_list)
+    def loss_fn(image, depth, fake):
+        loss_d, r1 = d_loss_fn(disc, disc.inputs(image, depth), fake, args.r1_gamma)
+        return loss_d, dict(d=loss_d.detach(), r1=r1.detach()), None
+    return optimiser_step(opt_d, [(i, d, f) for (i, d), f in zip(batches, fakes)], loss_fn,
+                          autocast)[0]
 
 
 def save_on_main(path, make_state):

@@ -280,26 +280,21 @@ class ImageFolder(torch.utils.data.Dataset):
 
         # Read every header (a few hundred microseconds a file: 3-4 s for 20k files on a 2-core
         # CPU, measured; parsing is Python work, so threads were slower here, not faster).
-        def header(i):
-            path = os.path.join(root, files[i])
-            try:
-                with Image.open(path) as img:
-                    size = upright_size(img)
-            except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-                return None, f"{path}: {e}"
-            if self.use_depth:                        # a bad depth map: UserError, stops
-                check_depth_aspect(depth_files[i], depth_size(depth_files[i]), size)
-            return size, None
-
         # An unreadable file is skipped, named and counted, never silently.
         sizes, bad = [], []
         for i in tqdm(range(len(files)), desc=f"scanning {root}", unit="img",
                       disable=not verbose, leave=False):
-            size, err = header(i)
-            if err:
-                warnings.warn(f"skipping unreadable image {err}")
+            path = os.path.join(root, files[i])
+            try:
+                with Image.open(path) as img:
+                    sizes.append(upright_size(img))
+            except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+                warnings.warn(f"skipping unreadable image {path}: {e}")
                 bad.append(i)
-            sizes.append(size)
+                sizes.append(None)
+                continue
+            if self.use_depth:                        # a bad depth map: UserError, stops
+                check_depth_aspect(depth_files[i], depth_size(depth_files[i]), sizes[-1])
         if len(bad) * 2 > len(files):
             raise UserError(f"{root}: {len(bad)} of {len(files)} images could not be read "
                             f"(first: {files[bad[0]]}); check the files (corrupt or not images)")
@@ -313,8 +308,9 @@ class ImageFolder(torch.utils.data.Dataset):
                           f"cropping and will be upsampled (they will look blurry)")
         self.files = [files[i] for i in keep]
         self.depth_files = [depth_files[i] for i in keep] if self.use_depth else None
-        self.labels = torch.tensor([self.classes.index(f.split(os.sep)[0]) if self.classes
-                                    else -1 for f in self.files], dtype=torch.long)   # (N,)
+        class_of = {c: k for k, c in enumerate(self.classes)}
+        self.labels = torch.tensor([class_of.get(f.split(os.sep)[0], -1) for f in self.files],
+                                   dtype=torch.long)                                 # (N,)
         self.n_unreadable = 0                 # files that passed the header check, not decoding
 
     def __len__(self):

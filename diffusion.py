@@ -696,24 +696,18 @@ def train_step(model, ema, opt, batches, step, args, autocast):
     """One optimiser step over the micro-batches [(x0, labels), ...] of normalised latents
     x0 (B, C, h, w), then the EMA update. Returns the logged values (scalar tensors)."""
     model.train()
-    losses = []
 
-    def micro(x0, labels):
-        def run():
-            with autocast:
-                # t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps,
-                # loss = |net(x_t, t, y) - target|^2 with target eps or v (LatentDiffusion.loss).
-                loss = model.loss(x0, labels, args.p_uncond)
-            losses.append(loss.detach())
-            return loss
-        return run
-    logs = {}
+    def loss_fn(x0, labels):
+        # t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps,
+        # loss = |net(x_t, t, y) - target|^2 with target eps or v (LatentDiffusion.loss).
+        loss = model.loss(x0, labels, args.p_uncond)
+        return loss, dict(loss=loss.detach()), None
     # Accumulation over micro-batches, one all-reduce across ranks, clipping, the update.
-    ae.optimiser_step(opt, [micro(x0, y) for x0, y in batches], args.grad_clip, logs)
+    logs, _ = ae.optimiser_step(opt, batches, loss_fn, autocast, args.grad_clip)
     # EMA with a warm-up (decay grows from 0.1 towards args.ema): early EMA weights are
     # not stuck on the random init.
     ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
-    return dict(loss=torch.stack(losses).mean(), **logs)
+    return logs
 
 
 def read_batch(cache, model, step, micro, args, device):
