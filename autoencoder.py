@@ -13,7 +13,7 @@ Conventions).
     python autoencoder.py --data photos/ --out runs/ae        # one GPU, 256 px
     python autoencoder.py --data photos/ --amp bf16 --compile # bf16 + torch.compile, any device
     torchrun --nproc_per_node=4 autoencoder.py --data photos/ # 4 GPUs, data parallel
-    python autoencoder.py --eval runs/ae/ckpt.pt              # novel-view PSNR vs baselines
+    python autoencoder.py --eval runs/ae/ckpt.pt              # novel-view PSNR (evaluate.py)
 
 With no --data it renders the synthetic scenes of scenes.py once (cached under data/) and trains on
 them, so it runs on a fresh machine with no download.
@@ -26,7 +26,7 @@ Map of the file:
     5. the autoencoder     encode / decode / render, the public API; load()
     6. discriminator       judges (RGB, depth) of novel views against (photo, its depth)
     7. losses              KL, scale-and-shift aligned depth loss, non-saturating GAN, R1
-    8. evaluation          novel-view PSNR vs copy and depth-warp baselines, depth Pearson
+    8. pictures            previews of novel views and depth (scores: evaluate.py)
     9. training            presets, data order, checkpoints, the loop
 """
 import argparse
@@ -332,12 +332,19 @@ class Discriminator(nn.Module):
         self.body = nn.Sequential(*layers, nn.LeakyReLU(0.2))
         self.head = nn.Linear(c * res * res, 1)
 
-    def inputs(self, image, depth):
+    def inputs(self, image, depth, low):
         """What the discriminator sees: (B, 4, H, W) = RGB + standardised inverse depth, or
         (B, 3, H, W) = RGB when it was built without depth. The R1 penalty differentiates with
-        respect to exactly this tensor, so it covers every input channel."""
+        respect to exactly this tensor, so it covers every input channel.
+
+        Rendered depth exists only at the volume renderer's size `low` (64 px at 256 px): real
+        and fake depth both go down to `low` and back up by nearest neighbour, so that the
+        blocks of an upsampled map cannot by themselves tell a fake from a photo."""
         if self.in_ch == 3:
             return image
+        if depth.shape[-1] != low:
+            depth = F.interpolate(depth, size=low, mode="nearest")
+        depth = F.interpolate(depth, size=image.shape[-2:], mode="nearest")
         return torch.cat([image, normalize_depth(depth)], 1)
 
     def forward(self, x):
@@ -357,12 +364,15 @@ def align_scale_shift(pred, target):
     """Per-image least squares: (s, b) = argmin sum (s * pred + b - target)^2, closed form.
 
     pred, target (B, N). s = cov(pred, target) / var(pred), b = mean(target) - s mean(pred).
-    s is clamped at 0: an *inverted* depth map must not fit as well as the right one.
+    s is kept positive, |cov| / var: an *inverted* depth map must not fit as well as the right
+    one (with s < 0 it would). Not clamped at 0: with s = 0 the aligned prediction is the
+    constant b, whose loss has no gradient at all, and a model that starts out anti-correlated
+    would stay there; with |cov| the loss pushes it out at once.
     """
     pm, tm = pred.mean(1, keepdim=True), target.mean(1, keepdim=True)
     cov = ((pred - pm) * (target - tm)).mean(1, keepdim=True)
     var = (pred - pm).square().mean(1, keepdim=True)
-    s = (cov / var.clamp_min(1e-8)).clamp_min(0)
+    s = cov.abs() / var.clamp_min(1e-8)
     return s, tm - s * pm
 
 
@@ -407,112 +417,8 @@ def d_loss_fn(disc, real, fake, r1_gamma):
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. Evaluation on held-out synthetic views
+# 8. Pictures (the numbers are evaluate.py's)
 # ---------------------------------------------------------------------------------------------
-def psnr(a, b):
-    """PSNR in dB of images in [-1, 1] (computed on [0, 1]), per image (B,)."""
-    mse = ((a - b) / 2).square().flatten(1).mean(1)
-    return -10 * torch.log10(mse.clamp_min(1e-10))
-
-
-def forward_warp(image, depth, cam2world, fov_deg, radius):
-    """The depth-warp baseline: lift each input pixel to 3D with its depth (camera P0), project
-    it into the novel camera, and keep the nearest one per target pixel (z-buffer). Holes get
-    the image's mean colour. image (B, 3, H, W), depth (B, 1, H, W) -> (B, 3, H, W)."""
-    B, _, H, W = image.shape
-    f = render.focal_length(fov_deg, H)
-    pix = (torch.arange(H, dtype=torch.float32) + 0.5 - H / 2) / f
-    v, u = torch.meshgrid(pix, pix, indexing="ij")
-    z = depth[:, 0]                                                          # (B, H, W)
-    pts = torch.stack([u * z, v * z, z - radius], -1).view(B, -1, 3)        # P0: R = I
-    R, t = cam2world[:, :3, :3], cam2world[:, :3, 3]
-    cam = (pts - t[:, None]) @ R                                             # world -> camera
-    zc = cam[..., 2]
-    px = (cam[..., 0] / zc * f + W / 2).floor().long()
-    py = (cam[..., 1] / zc * f + H / 2).floor().long()
-    ok = (zc > 1e-3) & (px >= 0) & (px < W) & (py >= 0) & (py < H)
-    out = image.mean((2, 3), keepdim=True).expand(-1, -1, H, W).clone()
-    for b in range(B):
-        idx = (py[b] * W + px[b])[ok[b]]
-        zb, cols = zc[b][ok[b]], image[b].flatten(1)[:, ok[b]]
-        # z-buffer without write races: sort by depth (near first), then stably by target
-        # pixel, and keep the first source per target -- the nearest, the same on any CPU/GPU.
-        near = torch.argsort(zb)
-        by_pixel = near[torch.argsort(idx[near], stable=True)]
-        first = torch.ones_like(by_pixel, dtype=torch.bool)
-        first[1:] = idx[by_pixel][1:] != idx[by_pixel][:-1]
-        win = by_pixel[first]
-        flat = out[b].flatten(1)
-        flat[:, idx[win]] = cols[:, win]
-        out[b] = flat.view(3, H, W)
-    return out
-
-
-def pearson(a, b):
-    """Pearson correlation per image of (B, ...) tensors."""
-    a, b = a.flatten(1) - a.flatten(1).mean(1, keepdim=True), b.flatten(1) - b.flatten(1).mean(
-        1, keepdim=True)
-    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
-
-
-@torch.no_grad()
-def evaluate(model, root, max_scenes=None, yaw_only=20.0, save=None):
-    """Score novel-view synthesis on ROOT/_heldout (made by `scenes.py --heldout`).
-
-    For every held-out scene and view: PSNR of the model's render, of the input copied as is,
-    and of the input forward-warped by its depth, against the true render; and the Pearson
-    correlation of the model's P0 depth with the true depth. Returns a dict of means, over all
-    views and over the views at |yaw| = yaw_only (pitch 0).
-    """
-    meta = scenes.read_scene_meta(root)
-    held = os.path.join(root, "_heldout")
-    if meta is None or not meta.get("heldout"):
-        raise UserError(f"{root}: no held-out views; make them with `python scenes.py "
-                        f"{root} --heldout 64` (the training scenes stay the same)")
-    c = model.config
-    if abs(meta["fov_deg"] - c["fov_deg"]) > 1e-6 or abs(meta["radius"] - c["radius"]) > 1e-6:
-        print(f"note: the scenes were rendered with fov {meta['fov_deg']}, radius "
-              f"{meta['radius']}; the model uses fov {c['fov_deg']}, radius {c['radius']}")
-    ds = data_mod.ImageFolder(held, c["res"], depth=True, labels=False, verbose=False)
-    n = min(len(ds), max_scenes or len(ds))
-    rows = dict(model=[], copy=[], warp=[])
-    rows_yaw = dict(model=[], copy=[], warp=[])
-    corr, grid = [], []
-    for i in tqdm(range(n), desc="evaluating", leave=False):
-        item = ds[i]
-        image, depth = item["image"][None], item["depth"][None]              # (1, 3, H, W) ...
-        planes = model.decode(model.encode(image, depth))
-        p0 = model.render(planes, model.P0(1))
-        true_depth = depth
-        corr.append(pearson(p0["depth"], F.interpolate(true_depth, size=p0["depth"].shape[-2:],
-                                                       mode="nearest")))
-        name = os.path.splitext(os.path.basename(ds.files[i]))[0]
-        for v in meta["views"]:
-            yaw, pitch = v["yaw_deg"], v["pitch_deg"]
-            stem = os.path.join(held, "_views", name, f"yaw{yaw:+g}_pitch{pitch:+g}")
-            gt = torch.from_numpy(data_mod.load_rgb(stem + ".png", c["res"])[0]).permute(
-                2, 0, 1)[None].float() / 127.5 - 1
-            cam = render.orbit_camera(torch.tensor([float(yaw)]), torch.tensor([float(pitch)]),
-                                      c["radius"])
-            pred = model.render(planes, cam)["image"].clamp(-1, 1)
-            warp = forward_warp(image, depth, cam, c["fov_deg"], c["radius"])
-            for key, img in (("model", pred), ("copy", image), ("warp", warp)):
-                score = psnr(img, gt).item()
-                rows[key].append(score)
-                if abs(abs(yaw) - yaw_only) < 1e-6 and pitch == 0:
-                    rows_yaw[key].append(score)
-            if save is not None and i < 6 and abs(yaw) == yaw_only and pitch == 0:
-                grid.append(torch.cat([image, gt, pred, warp], -1))
-    mean = lambda xs: sum(xs) / max(len(xs), 1)
-    result = {f"psnr_{k}": mean(v) for k, v in rows.items()}
-    result.update({f"psnr_{k}_yaw{yaw_only:g}": mean(v) for k, v in rows_yaw.items()})
-    result["depth_pearson"] = torch.cat(corr).mean().item()
-    result["scenes"] = n
-    if save and grid:
-        save_image(torch.cat(grid, -2), save)
-    return result
-
-
 def save_image(x, path):
     """(3, H, W) or (1, 3, H, W) in [-1, 1] -> PNG."""
     from PIL import Image
@@ -616,8 +522,10 @@ def get_args(argv=None):
     a("--kl-weight", type=float, default=1e-5, help="KL weight (summed over the latent)")
     a("--lpips-weight", type=float, default=0.0, help="LPIPS weight (needs `pip install lpips`)")
     a("--r1-gamma", type=float, default=1.0, help="R1 penalty on real images")
-    a("--yaw-range", type=float, default=30.0, help="novel views: yaw in +-this, degrees")
-    a("--pitch-range", type=float, default=15.0, help="novel views: pitch in +-this, degrees")
+    a("--yaw-range", type=float, default=None, help="novel views: yaw in +-this, degrees "
+      "(default: synthetic scenes' own room-yaw spread, else 30)")
+    a("--pitch-range", type=float, default=None, help="novel views: pitch in +-this, degrees "
+      "(default: half the synthetic scenes' elevation spread, else 15)")
     # optimisation
     a("--steps", type=int, default=None)
     a("--batch", type=int, default=None, help="images per micro-batch, over all processes")
@@ -727,16 +635,19 @@ def default_data(args):
     """The synthetic scenes, rendered once at the preset's resolution and reused."""
     root = default_data_root(args.res)
     meta = scenes.read_scene_meta(root)
-    if meta is None or meta["n"] < args.n_scenes:
+    if meta is None or meta["n"] < args.n_scenes or meta.get("room_yaw") != scenes.ROOM_YAW:
         if world() > 1:
             # Rendering is one process's work (20k scenes: most of an hour, README); the other
             # processes would wait on it in a collective that times out after 10 minutes.
             raise UserError(f"no --data given and {root} has no scenes yet: render them once "
                             f"before torchrun, `python scenes.py {root} --n {args.n_scenes} "
                             f"--res {max(args.res, 64)} --heldout 64`, or pass --data")
-        print(f"no --data given: rendering {args.n_scenes} synthetic scenes into {root} "
+        # Scenes of an older version (no room yaw) are rendered again, all of them: a folder
+        # must not mix two cameras.
+        n = max(args.n_scenes, meta["n"] if meta else 0)
+        print(f"no --data given: rendering {n} synthetic scenes into {root} "
               f"(once; later runs reuse them)")
-        scenes.make_scenes(root, args.n_scenes, res=max(args.res, 64), heldout=64)
+        scenes.make_scenes(root, n, res=max(args.res, 64), heldout=64)
     return root
 
 
@@ -907,13 +818,27 @@ def make_lpips(weight, device):
     return lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
 
 
+def set_camera(args, meta):
+    """Fill the camera flags left open (None) from a synthetic folder's scenes.json `meta`, or
+    with defaults for photos (meta None): fov, radius, and the novel poses' yaw/pitch ranges."""
+    args.fov_deg = args.fov_deg or (meta["fov_deg"] if meta else 40.0)
+    args.radius = args.radius or (meta["radius"] if meta else 2.7)
+    # The novel views the discriminator judges should be posed like the photos themselves:
+    # a view turned further than any photo is rejected for its pose, not its content, and
+    # the GAN then pushes the autoencoder to un-turn novel views (to flatten its geometry).
+    # Synthetic scenes know their spread (room yaw; elevation); for photos, +-30 and +-15.
+    lo, hi = meta.get("elevation", scenes.ELEVATION) if meta else (-15.0, 15.0)
+    if args.yaw_range is None:
+        args.yaw_range = meta.get("room_yaw", 0.0) if meta else 30.0
+    if args.pitch_range is None:
+        args.pitch_range = (hi - lo) / 2
+
+
 def load_data(args):
     """The training images: --data, or the synthetic scenes. Sets the camera (fov, radius) from
     the scenes' scenes.json when the flags leave it open. -> (ImageFolder, root)."""
     root = args.data or default_data(args)
-    meta = scenes.read_scene_meta(root)
-    args.fov_deg = args.fov_deg or (meta["fov_deg"] if meta else 40.0)
-    args.radius = args.radius or (meta["radius"] if meta else 2.7)
+    set_camera(args, scenes.read_scene_meta(root))
     # Depth maps are needed by the depth loss and the depth input; the discriminator uses them
     # when they exist (it then judges RGB + depth) and judges RGB alone when they do not.
     need_depth = args.depth_weight > 0 or args.depth_input
@@ -974,8 +899,7 @@ def autoencoder_loss(model, disc, image, depth, args, adv_on, lpips_fn):
     if adv_on:
         cams = random_cameras(B, args.yaw_range, args.pitch_range, args.radius)
         nov = model.render(planes, cams.to(device), perturb=True)
-        nov_depth = F.interpolate(nov["depth"], size=args.res, mode="nearest")
-        fake = disc.inputs(nov["image"], nov_depth)                          # (B, 3|4, H, W)
+        fake = disc.inputs(nov["image"], nov["depth"], args.render_res)      # (B, 3|4, H, W)
         logs["g"] = F.softplus(-disc(fake)).mean()                           # non-saturating
         loss = loss + args.adv_weight * logs["g"]
     return loss, {k: v.detach() for k, v in logs.items()}, fake
@@ -1038,7 +962,8 @@ def discriminator_step(disc, opt_d, batches, fakes, args, autocast):
     """4. One optimiser step of the discriminator: (photo, its monocular depth) is real,
     (novel view, its rendered depth) is fake; the autoencoder's step above tried to fool it."""
     def loss_fn(image, depth, fake):
-        loss_d, r1 = d_loss_fn(disc, disc.inputs(image, depth), fake, args.r1_gamma)
+        real = disc.inputs(image, depth, args.render_res)
+        loss_d, r1 = d_loss_fn(disc, real, fake, args.r1_gamma)
         return loss_d, dict(d=loss_d.detach(), r1=r1.detach()), None
     return optimiser_step(opt_d, [(i, d, f) for (i, d), f in zip(batches, fakes)], loss_fn,
                           autocast)[0]
@@ -1126,7 +1051,7 @@ def train(args):
         if step % args.every == 0 or step == args.steps:
             if is_main():
                 model.eval()
-                preview(model, fixed_img, fixed_depth, args.yaw_range,
+                preview(model, fixed_img, fixed_depth, max(args.yaw_range, 20.0),
                         os.path.join(args.out, f"preview_{step:06d}.png"))
             save_on_main(ckpt_path, lambda rngs: dict(
                 kind=CKPT_KIND, config=config, model=model.state_dict(),
@@ -1158,7 +1083,8 @@ def main(argv=None):
         model = load(args.eval)
         root = args.data or default_data_root(model.config["res"])
         out = os.path.join(os.path.dirname(args.eval), "eval_views.png")
-        r = evaluate(model, root, save=out)
+        import evaluate                               # it imports this file
+        r = evaluate.evaluate_views(model, root, save=out)
         print(f"held-out novel views of {root} ({r['scenes']} scenes):")
         for k, v in r.items():
             if k != "scenes":

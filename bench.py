@@ -157,7 +157,7 @@ def bench_e2e(device, args):
     import autoencoder as ae
     import sample
     a = ae.get_args(["--preset", args.ae_preset])
-    a.fov_deg, a.radius = 40.0, 2.7
+    ae.set_camera(a, None)                            # the defaults for photos
     model = ae.AutoEncoder(ae.model_config(a)).to(device).eval()
     model.compile = args.compile
     z = torch.randn(1, a.z_ch, a.z_res, a.z_res, device=device)
@@ -178,7 +178,7 @@ def bench_ae_step(device, args):
     novel view, L1 + depth + generator loss, discriminator step; images/s and peak memory."""
     import autoencoder as ae
     a = ae.get_args(["--preset", args.ae_preset])
-    a.fov_deg, a.radius = 40.0, 2.7
+    ae.set_camera(a, None)                            # the defaults for photos
     a.adv_weight = max(a.adv_weight, 0.05)            # always time the adversarial part too
     model, disc, opt, opt_d = ae.build(a, device)     # the training script's own step below
     if args.compile:
@@ -354,7 +354,8 @@ def bench_budget(device, args):
     import diffusion
     rows = []
     for preset in ("tiny", "base"):
-        a = ae.get_args(["--preset", preset, "--fov-deg", "40", "--radius", "2.7"])
+        a = ae.get_args(["--preset", preset])
+        ae.set_camera(a, None)                        # the defaults for photos
         a.adv_weight = max(a.adv_weight, 0.05)        # the full step: novel view + D
         # R1's double backward through D is left out: FlopCounterMode cannot follow the
         # autograd.grad inside a counted backward (and D is a small share of the step).
@@ -367,7 +368,8 @@ def bench_budget(device, args):
             image, depth = data(B)
             def run():
                 loss, _, fake = ae.autoencoder_loss(model, disc, image, depth, a, True, None)
-                d, _ = ae.d_loss_fn(disc, disc.inputs(image, depth), fake, a.r1_gamma)
+                d, _ = ae.d_loss_fn(disc, disc.inputs(image, depth, a.render_res), fake,
+                                     a.r1_gamma)
                 return loss + d
             return run
         n_par = sum(p.numel() for p in [*model.parameters(), *disc.parameters()])

@@ -44,6 +44,7 @@ from tqdm import tqdm
 import autoencoder as ae
 import data as data_mod
 import diffusion
+import evaluate
 import render
 import scenes
 from data import UserError
@@ -733,7 +734,7 @@ def demo(args):
                           os.path.join(args.out, "viewer.html"))
     bar.update()
     # How good are the autoencoder's novel views? Held-out scenes against their true views.
-    scores = ae.evaluate(ae_model, data_root, save=os.path.join(args.out, "eval_views.png"))
+    scores = evaluate.evaluate_views(ae_model, data_root, save=os.path.join(args.out, "eval_views.png"))
     bar.update()
     bar.close()
     took["sampling"] = time.time() - t0

@@ -9,9 +9,11 @@ scored (autoencoder.py --eval), and everything runs on a fresh machine with no d
 
     python scenes.py data/scenes --n 2000 --res 64                 # training scenes
     python scenes.py data/scenes --n 2000 --heldout 64             # + held-out novel views
+    python scenes.py data/frontal --n 2000 --room-yaw 0            # every photo faces the wall
 
 The output is a normal image folder for data.py (OUT/NNNNNN.png, exact depth in OUT/depth/),
-plus OUT/scenes.json with the camera, and with --heldout, OUT/_heldout/ and its novel views.
+plus OUT/scenes.json with the camera, OUT/params.npy with each scene's parameters (the targets
+of evaluate.py's metric network), and with --heldout, OUT/_heldout/ and its novel views.
 The caster shares no code with render.py on purpose: test data must not share a bug with the
 renderer it tests.
 
@@ -42,7 +44,16 @@ from data import UserError, run_cli
 # camera P0 sits at (0, 0, -radius) looking down +z at the pivot, y points down, so the floor is
 # the plane y = +floor_y and "up" is -y. The caster is independent of render.py on purpose: the
 # data must not share a bug with the renderer it is used to test.
+#
+# Photos in the wild are taken from every direction, so each scene's camera also turns about
+# the vertical axis through the pivot by a random "room yaw" (uniform in +-room_yaw degrees).
+# Without it every photo faces the back wall squarely (vertical stripes, a level horizon), and
+# a novel view at yaw 20 shows a slanted wall no photo ever has: a discriminator can then
+# reject novel views for their pose alone. View space does not change: P0 is still the input
+# camera, and held-out views are still yaw/pitch offsets from it.
 SCENE_RADIUS, SCENE_FOV = 2.7, 40.0   # camera distance from the pivot [world units], FOV [deg]
+ROOM_YAW = 30.0                       # input cameras turn by up to +-this about the pivot [deg]
+ELEVATION = (5.0, 25.0)               # input cameras look down on the scene by this much [deg]
 
 
 def _rot_y(deg):
@@ -61,8 +72,9 @@ def scene_camera(yaw_deg, pitch_deg, radius=SCENE_RADIUS):
     return c2w
 
 
-def random_scene(rng):
-    """A random scene description (plain dict of numbers), drawn from a numpy Generator."""
+def random_scene(rng, room_yaw=ROOM_YAW):
+    """A random scene description (plain dict of numbers), drawn from a numpy Generator.
+    The camera's room yaw is drawn last, so a scene's content does not depend on room_yaw."""
     def colour():
         h = rng.uniform(0, 1)
         s, v = rng.uniform(0.45, 0.9), rng.uniform(0.55, 0.95)
@@ -88,7 +100,34 @@ def random_scene(rng):
                 floor_colours=[colour(), colour()], wall_colours=[colour(), colour()],
                 checker=rng.uniform(2.0, 4.0), stripes=rng.uniform(2.0, 5.0),
                 light=light / np.linalg.norm(light), ambient=rng.uniform(0.25, 0.45),
-                elevation=rng.uniform(5.0, 25.0))
+                elevation=rng.uniform(*ELEVATION), room_yaw=rng.uniform(-room_yaw, room_yaw))
+
+
+# What a scene "is", as numbers: the targets evaluate.py's metric network learns to predict from
+# the image, so that its features know about objects, colours, layout, light and camera.
+PARAM_NAMES = (["objects", "spheres", "boxes", "cylinders"]
+               + [f"object_{k}" for k in ("r", "g", "b", "x", "z", "size")]
+               + [f"{w}_{k}" for w in ("floor0", "floor1", "wall0", "wall1") for k in "rgb"]
+               + ["floor_y", "wall_z", "checker", "stripes", "ambient", "light_x", "light_y",
+                  "light_z", "elevation", "room_yaw"])
+
+
+def scene_params(scene):
+    """A scene -> float32 vector (len(PARAM_NAMES),). Object colour, position and size are means
+    over the objects (0 for a scene without any); positions are turned by the room yaw, so they
+    are where the camera sees them (x to its right, z away from it)."""
+    obs = scene["objects"]
+    a = math.radians(scene.get("room_yaw", 0.0))
+    xz = [(o["center"][0] * math.cos(a) + o["center"][2] * math.sin(a),
+           -o["center"][0] * math.sin(a) + o["center"][2] * math.cos(a)) for o in obs]
+    mean = lambda xs, k: np.mean(np.reshape(xs, (-1, k)), 0) if xs else np.zeros(k)
+    v = [len(obs)] + [sum(o["kind"] == k for o in obs) for k in ("sphere", "box", "cylinder")]
+    v += [*mean([o["colour"] for o in obs], 3), *mean(xz, 2), *mean([o["size"] for o in obs], 1)]
+    for c in (*scene["floor_colours"], *scene["wall_colours"]):
+        v += list(c)
+    v += [scene["floor_y"], scene["wall_z"], scene["checker"], scene["stripes"],
+          scene["ambient"], *scene["light"], scene["elevation"], scene.get("room_yaw", 0.0)]
+    return np.asarray(v, np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,9 +251,10 @@ def render_scene(scene, cam2world, fov_deg=SCENE_FOV, res=64, aa=2):
     """
     f = 0.5 * res / math.tan(math.radians(fov_deg) / 2)
     # cam2world is in view space, where P0 looks straight down +z. The scene itself is built
-    # upright, and P0 looks down on it from `elevation` degrees: turning view space by that
-    # pitch gives the scene frame (T @ P0 = scene_camera(0, elevation)).
-    T = scene_camera(0, scene.get("elevation", 0.0), radius=0.0)
+    # upright, and P0 looks down on it from `elevation` degrees, turned by `room_yaw` about the
+    # vertical axis: turning view space by that yaw and pitch gives the scene frame
+    # (T @ P0 = scene_camera(room_yaw, elevation)).
+    T = scene_camera(scene.get("room_yaw", 0.0), scene.get("elevation", 0.0), radius=0.0)
     cam2world = T @ cam2world
     R, origin = cam2world[:3, :3], cam2world[:3, 3]
     # Sub-pixel offsets in [0, 1): aa x aa for colour, then the pixel centre for depth.
@@ -269,23 +309,30 @@ def _save_rgb(path, rgb):
 
 
 def make_scenes(out, n, res=64, seed=0, heldout=0, views=DEFAULT_VIEWS, aa=2,
-                radius=SCENE_RADIUS, fov_deg=SCENE_FOV, verbose=True):
+                radius=SCENE_RADIUS, fov_deg=SCENE_FOV, room_yaw=ROOM_YAW, empty=False,
+                verbose=True):
     """Write n training scenes (OUT/NNNNNN.png + OUT/depth/NNNNNN.npy, a normal --data folder)
     and `heldout` more under OUT/_heldout/ (same layout) with their novel views in
     OUT/_heldout/_views/NNNNNN/yaw+20_pitch+0.{png,npy}. OUT/scenes.json records the camera
-    (radius, fov_deg) so that models and evaluation use the one the data were rendered with."""
-    if n < 1 or res < 8 or aa < 1 or heldout < 0:
-        raise UserError(f"scenes: need --n >= 1, --res >= 8, --aa >= 1 and --heldout >= 0 "
-                        f"(got {n}, {res}, {aa}, {heldout})")
+    (radius, fov_deg, room_yaw) so that models and evaluation use the one the data were rendered
+    with; OUT/params.npy (and OUT/_heldout/params.npy) each scene's scene_params, in file order.
+    empty=True removes every object (the same rooms, bare: a reference set for evaluate.py)."""
+    if n < 1 or res < 8 or aa < 1 or heldout < 0 or not 0 <= room_yaw <= 90:
+        raise UserError(f"scenes: need --n >= 1, --res >= 8, --aa >= 1, --heldout >= 0 and "
+                        f"--room-yaw in [0, 90] (got {n}, {res}, {aa}, {heldout}, {room_yaw})")
     poses = parse_views(views) if heldout else []
     for sub in ("depth", "_heldout/depth") if heldout else ("depth",):
         os.makedirs(os.path.join(out, sub), exist_ok=True)
     P0 = scene_camera(0, 0, radius)
+    params = []
     t0 = time.time()
     for i in tqdm(range(n + heldout), desc=f"rendering scenes -> {out}", unit="scene",
                   disable=not verbose):
         rng = np.random.default_rng([seed, i])           # scene i is the same whatever n is
-        scene = random_scene(rng)
+        scene = random_scene(rng, room_yaw)
+        if empty:
+            scene["objects"] = []
+        params.append(scene_params(scene))
         folder = out if i < n else os.path.join(out, "_heldout")
         name = f"{i:06d}"
         rgb, depth = render_scene(scene, P0, fov_deg, res, aa)
@@ -300,7 +347,11 @@ def make_scenes(out, n, res=64, seed=0, heldout=0, views=DEFAULT_VIEWS, aa=2,
                 stem = os.path.join(vdir, f"yaw{yaw:+g}_pitch{pitch:+g}")
                 _save_rgb(stem + ".png", rgb)
                 np.save(stem + ".npy", depth)
+    np.save(os.path.join(out, "params.npy"), np.stack(params[:n]))
+    if heldout:
+        np.save(os.path.join(out, "_heldout", "params.npy"), np.stack(params[n:]))
     meta = dict(n=n, heldout=heldout, res=res, seed=seed, radius=radius, fov_deg=fov_deg,
+                room_yaw=room_yaw, elevation=list(ELEVATION), empty=empty,
                 views=[dict(yaw_deg=y, pitch_deg=p) for y, p in poses])
     with open(os.path.join(out, "scenes.json"), "w") as f:
         json.dump(meta, f, indent=1)
@@ -329,9 +380,12 @@ def main(argv=None):
     p.add_argument("--heldout", type=int, default=0, help="held-out scenes with novel views")
     p.add_argument("--views", default=DEFAULT_VIEWS, help="held-out poses, yaw:pitch in degrees")
     p.add_argument("--aa", type=int, default=2, help="antialiasing: aa x aa rays per pixel")
+    p.add_argument("--room-yaw", type=float, default=ROOM_YAW, help="each input camera turns "
+                   "about the pivot by a yaw uniform in +-this, degrees (0: all face the wall)")
+    p.add_argument("--empty", action="store_true", help="the same rooms without objects")
     args = p.parse_args(argv)
     meta, secs = make_scenes(args.out, args.n, args.res, args.seed, args.heldout, args.views,
-                             args.aa)
+                             args.aa, room_yaw=args.room_yaw, empty=args.empty)
     total = args.n + args.heldout * (1 + len(meta["views"]))
     print(f"wrote {args.n} scenes (+{args.heldout} held out) to {args.out} in {secs:.1f} s "
           f"({total / secs:.0f} renders/s at {args.res} px)")

@@ -19,7 +19,7 @@ def test_scene_depth_is_exact_on_wall_and_floor():
     """An empty scene seen level: the wall's z-depth is wall_z + radius everywhere, and a floor
     pixel whose ray direction is (u, v, 1) is hit at z-depth floor_y / v."""
     scene = scenes.random_scene(np.random.default_rng(0))
-    scene.update(objects=[], elevation=0.0, floor_y=0.6, wall_z=2.0)
+    scene.update(objects=[], elevation=0.0, room_yaw=0.0, floor_y=0.6, wall_z=2.0)
     res, fov = 32, 40.0
     _, depth = scenes.render_scene(scene, scenes.scene_camera(0, 0, 2.7), fov, res, aa=1)
     f = 0.5 * res / np.tan(np.radians(fov) / 2)

@@ -1,0 +1,603 @@
+"""
+evaluate.py -- every number in the README's results: novel views scored against held-out truth,
+and a distribution metric for the synthetic scenes, for samples as well as for novel views.
+
+Not a stage of WildFusion, its measuring tape. The paper scores novel views and samples with
+FID/KID on Inception features (Sec. 4); those need weights from the internet and mean little at
+32-64 px. Here the scenes of scenes.py come with their parameters (objects, colours, layout,
+light, camera), so a small CNN can be trained, in minutes on a CPU, to predict them from an
+image; its penultimate features then play Inception's part -- the way FVD or domain-specific
+FIDs are built. The metric is validated before it is used (`python evaluate.py validate`).
+
+    python evaluate.py validate                       # train (once) and check the metric network
+    python evaluate.py views runs/ae-tiny/ckpt.pt     # (b) novel views, (c) reconstructions, PSNR
+    python evaluate.py samples runs/ae-tiny/ckpt.pt runs/ldm-tiny/ckpt.pt   # (a) samples
+
+Map of the file:
+    1. novel views      PSNR, the copy and depth-warp baselines, which pixels the input saw
+    2. metric network   a small CNN that predicts a scene's parameters; its features
+    3. distances        Frechet distance, KID (unbiased, jackknife standard error), precision
+                        and recall (k-NN manifolds)
+    4. validation       disjoint real sets ~ 0; blur, noise and colour shift ladders; empty rooms
+    5. scoring          (a) samples, (b) novel views, (c) reconstructions; empty samples
+    6. command line
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import autoencoder as ae
+import data as data_mod
+import render
+import scenes
+from data import UserError
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Novel views against held-out truth
+# ---------------------------------------------------------------------------------------------
+def psnr(a, b, mask=None):
+    """PSNR in dB of images in [-1, 1] (computed on [0, 1]), per image (B,). With a mask
+    (B, 1, H, W) the mean squared error is over the masked pixels only (nan where none are)."""
+    se = ((a - b) / 2).square().mean(1, keepdim=True)                       # (B, 1, H, W)
+    if mask is None:
+        mse = se.flatten(1).mean(1)
+    else:
+        m = mask.float().flatten(1)
+        mse = (se.flatten(1) * m).sum(1) / m.sum(1)                          # nan: no pixels
+    return -10 * torch.log10(mse.clamp_min(1e-10))
+
+
+def lift(depth, cam2world, fov_deg):
+    """Every pixel of a z-depth map (B, 1, H, W) seen from cam2world (B, 4, 4) -> world points
+    (B, H*W, 3): the pixel centre's ray (u, v, 1) in camera space, scaled by its z-depth."""
+    B, _, H, W = depth.shape
+    f = render.focal_length(fov_deg, H)
+    pix = (torch.arange(H, dtype=torch.float32) + 0.5 - H / 2) / f
+    v, u = torch.meshgrid(pix, pix, indexing="ij")
+    z = depth[:, 0]                                                          # (B, H, W)
+    cam = torch.stack([u * z, v * z, z], -1).view(B, -1, 3)
+    return cam @ cam2world[:, :3, :3].transpose(1, 2) + cam2world[:, None, :3, 3]
+
+
+def project(points, cam2world, fov_deg, res):
+    """World points (B, N, 3) into a camera -> pixel column, row (long) and z-depth (B, N)."""
+    f = render.focal_length(fov_deg, res)
+    cam = (points - cam2world[:, None, :3, 3]) @ cam2world[:, :3, :3]        # world -> camera
+    z = cam[..., 2]
+    px = (cam[..., 0] / z * f + res / 2).floor().long()
+    py = (cam[..., 1] / z * f + res / 2).floor().long()
+    return px, py, z
+
+
+def forward_warp(image, depth, cam2world, fov_deg, radius):
+    """The depth-warp baseline: lift each input pixel to 3D with its depth (camera P0), project
+    it into the novel camera, and keep the nearest one per target pixel (z-buffer). Holes get
+    the image's mean colour. image (B, 3, H, W), depth (B, 1, H, W) -> (B, 3, H, W)."""
+    B, _, H, W = image.shape
+    P0 = render.orbit_camera(torch.zeros(B), torch.zeros(B), radius)
+    px, py, zc = project(lift(depth, P0, fov_deg), cam2world, fov_deg, H)
+    ok = (zc > 1e-3) & (px >= 0) & (px < W) & (py >= 0) & (py < H)
+    out = image.mean((2, 3), keepdim=True).expand(-1, -1, H, W).clone()
+    for b in range(B):
+        idx = (py[b] * W + px[b])[ok[b]]
+        zb, cols = zc[b][ok[b]], image[b].flatten(1)[:, ok[b]]
+        # z-buffer without write races: sort by depth (near first), then stably by target
+        # pixel, and keep the first source per target -- the nearest, the same on any CPU/GPU.
+        near = torch.argsort(zb)
+        by_pixel = near[torch.argsort(idx[near], stable=True)]
+        first = torch.ones_like(by_pixel, dtype=torch.bool)
+        first[1:] = idx[by_pixel][1:] != idx[by_pixel][:-1]
+        win = by_pixel[first]
+        flat = out[b].flatten(1)
+        flat[:, idx[win]] = cols[:, win]
+        out[b] = flat.view(3, H, W)
+    return out
+
+
+def seen_by_input(view_depth, cam2world, input_depth, fov_deg, radius, tol=0.03):
+    """Which pixels of a novel view the input photo saw, from the true depth of both: lift each
+    novel-view pixel to 3D, project it into P0, and call it seen when it lands inside the frame
+    at the depth the input's own depth map has there (within tol, relative). The rest are
+    disoccluded (or out of the input's frame): only a model's imagination can fill them.
+    view_depth, input_depth (B, 1, H, W), cam2world (B, 4, 4) -> bool (B, 1, H, W)."""
+    B, _, H, W = view_depth.shape
+    P0 = render.orbit_camera(torch.zeros(B), torch.zeros(B), radius)
+    px, py, z = project(lift(view_depth, cam2world, fov_deg), P0, fov_deg, H)
+    inside = (px >= 0) & (px < W) & (py >= 0) & (py < H) & (z > 1e-3)
+    flat = (py.clamp(0, H - 1) * W + px.clamp(0, W - 1))                     # (B, HW)
+    there = torch.gather(input_depth.flatten(1), 1, flat)
+    return (inside & ((z - there).abs() < tol * z)).view(B, 1, H, W)
+
+
+def pearson(a, b):
+    """Pearson correlation per image of (B, ...) tensors."""
+    a, b = a.flatten(1) - a.flatten(1).mean(1, keepdim=True), b.flatten(1) - b.flatten(1).mean(
+        1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
+
+
+def load_view(stem, res):
+    """A held-out novel view's true image (1, 3, res, res) in [-1, 1] and z-depth (1, 1, res,
+    res), resized like data.py resizes photos (bicubic) and depth maps (nearest)."""
+    rgb = torch.from_numpy(data_mod.load_rgb(stem + ".png", res)[0]).permute(2, 0, 1)
+    depth = torch.from_numpy(np.load(stem + ".npy", allow_pickle=False))[None, None]
+    return rgb[None].float() / 127.5 - 1, F.interpolate(depth, size=res, mode="nearest")
+
+
+@torch.no_grad()
+def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, save=None, keep=False):
+    """Score novel-view synthesis on ROOT/_heldout (made by `scenes.py --heldout`).
+
+    For every held-out scene and view: PSNR of the model's render, of the input copied as is,
+    and of the input forward-warped by its true depth, against the true render; at |yaw| =
+    yaw_only (pitch 0) also split into the pixels the input saw and the disoccluded ones
+    (seen_by_input); and the Pearson correlation of the model's P0 depth with the true depth.
+    Returns a dict of means; with keep=True also the images at P0 and at yaw +-yaw_only
+    (key "images": input, recon, true, model, warp, copy; (N, 3, H, W) each) for the metric.
+    """
+    meta = scenes.read_scene_meta(root)
+    held = os.path.join(root, "_heldout")
+    if meta is None or not meta.get("heldout"):
+        raise UserError(f"{root}: no held-out views; make them with `python scenes.py "
+                        f"{root} --heldout 64` (the training scenes stay the same)")
+    c = model.config
+    if abs(meta["fov_deg"] - c["fov_deg"]) > 1e-6 or abs(meta["radius"] - c["radius"]) > 1e-6:
+        print(f"note: the scenes were rendered with fov {meta['fov_deg']}, radius "
+              f"{meta['radius']}; the model uses fov {c['fov_deg']}, radius {c['radius']}")
+    ds = data_mod.ImageFolder(held, c["res"], depth=True, labels=False, verbose=False)
+    n = min(len(ds), max_scenes or len(ds))
+    rows, corr, grid = {}, [], []
+    images = {k: [] for k in ("input", "recon", "true", "model", "warp", "copy")}
+    add = lambda key, x: rows.setdefault(key, []).append(x)
+    for i in tqdm(range(n), desc="evaluating", leave=False):
+        item = ds[i]
+        image, depth = item["image"][None], item["depth"][None]              # (1, 3, H, W) ...
+        planes = model.decode(model.encode(image, depth))
+        p0 = model.render(planes, model.P0(1))
+        corr.append(pearson(p0["depth"], F.interpolate(depth, size=p0["depth"].shape[-2:],
+                                                       mode="nearest")))
+        images["input"].append(image)
+        images["recon"].append(p0["image"].clamp(-1, 1))
+        name = os.path.splitext(os.path.basename(ds.files[i]))[0]
+        for v in meta["views"]:
+            yaw, pitch = v["yaw_deg"], v["pitch_deg"]
+            gt, gt_depth = load_view(os.path.join(held, "_views", name,
+                                                  f"yaw{yaw:+g}_pitch{pitch:+g}"), c["res"])
+            cam = render.orbit_camera(torch.tensor([float(yaw)]), torch.tensor([float(pitch)]),
+                                      c["radius"])
+            pred = model.render(planes, cam)["image"].clamp(-1, 1)
+            warp = forward_warp(image, depth, cam, c["fov_deg"], c["radius"])
+            the_yaw = abs(abs(yaw) - yaw_only) < 1e-6 and pitch == 0
+            seen = seen_by_input(gt_depth, cam, depth, c["fov_deg"], c["radius"])
+            for key, img in (("model", pred), ("copy", image), ("warp", warp)):
+                add(f"psnr_{key}", psnr(img, gt).item())
+                if the_yaw:
+                    add(f"psnr_{key}_yaw{yaw_only:g}", psnr(img, gt).item())
+                    add(f"psnr_{key}_yaw{yaw_only:g}_seen", psnr(img, gt, seen).item())
+                    add(f"psnr_{key}_yaw{yaw_only:g}_unseen", psnr(img, gt, ~seen).item())
+                    images[key].append(img)
+            if the_yaw:
+                add(f"unseen_fraction_yaw{yaw_only:g}", 1 - seen.float().mean().item())
+                images["true"].append(gt)
+                if save is not None and i < 6:
+                    grid.append(torch.cat([image, gt, pred, warp], -1))
+    # Means over the images that have such pixels (a view may have no disoccluded pixel).
+    result = {k: float(np.nanmean(v)) for k, v in rows.items()}
+    result["depth_pearson"] = torch.cat(corr).mean().item()
+    result["scenes"] = n
+    if save and grid:
+        ae.save_image(torch.cat(grid, -2), save)
+    if keep:
+        result["images"] = {k: torch.cat(v) for k, v in images.items() if v}
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The metric network: predict a scene's parameters from its image
+# ---------------------------------------------------------------------------------------------
+# A plain CNN: four stride-2 stages, global average pooling to `feat` features (most of the
+# metric's feature space), then two heads: the scene's parameters (standardised; regression) and its
+# number of objects (0-4; classification, so "no object" is a class of its own). GroupNorm, not
+# BatchNorm: an image's features must not depend on the other images in its batch.
+METRIC_KIND = "wildfusion-metricnet"
+MAX_OBJECTS = 4
+
+
+class MetricNet(nn.Module):
+    def __init__(self, n_params, res=64, width=16, feat=64):
+        super().__init__()
+        self.config = dict(n_params=n_params, res=res, width=width, feat=feat)
+        # A stride-2 stem (full-resolution layers would cost most of the time), then stages
+        # of a stride-2 and a 3x3 convolution: res -> res / 16, width -> 4 x width.
+        layers, c = [nn.Conv2d(3, width, 4, 2, 1), nn.GroupNorm(4, width), nn.SiLU()], width
+        for c_next in (width * 2, width * 4, width * 4):
+            layers += [nn.Conv2d(c, c_next, 4, 2, 1), nn.GroupNorm(4, c_next), nn.SiLU(),
+                       nn.Conv2d(c_next, c_next, 3, padding=1), nn.GroupNorm(4, c_next),
+                       nn.SiLU()]
+            c = c_next
+        self.body = nn.Sequential(*layers)
+        self.proj = nn.Linear(c, feat)
+        self.params_head = nn.Linear(feat, n_params)
+        self.count_head = nn.Linear(feat, MAX_OBJECTS + 1)
+
+    def resize(self, x):
+        res = self.config["res"]
+        if x.shape[-1] != res:
+            x = F.interpolate(x, size=res, mode="bilinear", align_corners=False, antialias=True)
+        return x
+
+    def hidden(self, x):
+        """Images (B, 3, H, W) in [-1, 1], any size -> the penultimate layer (B, feat)."""
+        return F.silu(self.proj(self.body(self.resize(x)).mean((2, 3))))
+
+    def forward(self, x):
+        h = self.hidden(x)
+        return self.params_head(h), self.count_head(h)
+
+    def features(self, x):
+        """The metric's feature vector (B, feat + 9): the penultimate layer, then the image's
+        low-level statistics (low_level). The first is what the scene is -- and is blind to
+        blur and noise, which change no scene parameter (validation, README) -- the second
+        sees exactly those."""
+        return torch.cat([self.hidden(x), low_level(self.resize(x))], 1)
+
+
+def low_level(x, scales=3):
+    """log of the standard deviation of each colour channel's Laplacian, at `scales` octaves
+    (B, 3 * scales): an image's edge energy. Blur lowers it, noise raises it, and the log makes
+    it a relative change, so bright and dark scenes weigh the same."""
+    k = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]).view(1, 1, 3, 3).repeat(3, 1, 1, 1)
+    out = []
+    for _ in range(scales):
+        lap = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), k.to(x), groups=3)
+        out.append(lap.std((2, 3)).clamp_min(1e-4).log())
+        x = F.avg_pool2d(x, 2)
+    return torch.cat(out, 1)
+
+
+def read_images(root, res, files=None):
+    """Every image of a folder (sorted, as data.py lists them) -> (N, 3, res, res) in [-1, 1]."""
+    files = files or data_mod.scan_images(root)
+    out = torch.empty(len(files), 3, res, res)
+    for i, f in enumerate(files):
+        out[i] = torch.from_numpy(data_mod.load_rgb(os.path.join(root, f), res)[0]).permute(
+            2, 0, 1).float() / 127.5 - 1
+    return out
+
+
+def scene_set(root, name, n, seed, meta, empty=False):
+    """A set of scenes rendered for the metric alone, under ROOT/_metric/NAME (once, cached):
+    scenes.py's scenes with another seed, drawn like ROOT's (room yaw, resolution)."""
+    out = os.path.join(root, "_metric", name)
+    have = scenes.read_scene_meta(out) or {}
+    want = dict(n=n, seed=seed, res=meta["res"], room_yaw=meta.get("room_yaw", 0.0), empty=empty)
+    if any(have.get(k) != v for k, v in want.items()):
+        scenes.make_scenes(out, n, res=meta["res"], seed=seed, radius=meta["radius"],
+                           fov_deg=meta["fov_deg"], room_yaw=meta.get("room_yaw", 0.0),
+                           empty=empty, verbose=False)
+    return out
+
+
+def metric_path(root, res):
+    return os.path.join(root, "_metric", f"metricnet-{res}.pt")
+
+
+def train_metric_net(root, res=64, steps=2000, batch=64, seed=0, n_empty=250, verbose=True):
+    """Train the metric network on ROOT's *training* scenes (never the held-out ones), plus
+    the same rooms with their objects removed (so "no object" is seen), and cache it in
+    ROOT/_metric/metricnet-RES.pt. A few minutes on a 2-core CPU (README)."""
+    meta = scenes.read_scene_meta(root)
+    if meta is None or not os.path.isfile(os.path.join(root, "params.npy")):
+        raise UserError(f"{root}: the metric needs synthetic scenes with their parameters "
+                        f"(params.npy); render them with `python scenes.py {root} --heldout 64`")
+    torch.manual_seed(seed)
+    t0 = time.time()
+    # The first n_empty training rooms again, bare: same seed, so no held-out scene leaks in.
+    empty = scene_set(root, f"empty-{n_empty}", n_empty, meta["seed"], meta, empty=True)
+    x = torch.cat([read_images(root, res), read_images(empty, res)])          # (N, 3, r, r)
+    p = np.concatenate([np.load(os.path.join(root, "params.npy")),
+                        np.load(os.path.join(empty, "params.npy"))])
+    p = torch.from_numpy(p)                                                  # (N, P)
+    count = p[:, 0].long()                                                   # objects 0-4
+    mean, std = p.mean(0), p.std(0).clamp_min(1e-3)
+    target = (p - mean) / std
+    net = MetricNet(p.shape[1], res)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(steps), desc=f"training the metric network ({len(x)} images)",
+               disable=not verbose)
+    for _ in bar:
+        idx = torch.randint(len(x), (batch,), generator=g)
+        pred, logits = net(x[idx])
+        loss = F.mse_loss(pred, target[idx]) + F.cross_entropy(logits, count[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    ckpt = dict(kind=METRIC_KIND, config=net.config, state=net.state_dict(), mean=mean, std=std,
+                names=list(scenes.PARAM_NAMES), trained_on=os.path.abspath(root), seed=seed,
+                scenes=scene_key(meta), seconds=time.time() - t0)
+    path = metric_path(root, res)
+    ae.save_checkpoint(path, ckpt)                                           # atomic
+    return load_metric_net(path)
+
+
+def scene_key(meta):
+    """What identifies a set of training scenes (a cached network is stale when it changes)."""
+    return "n={n} seed={seed} res={res} room_yaw={room_yaw}".format(**{"room_yaw": 0.0, **meta})
+
+
+def load_metric_net(path):
+    ckpt = ae.load_checkpoint(path, METRIC_KIND, "a metric network (ROOT/_metric/*.pt)")
+    net = MetricNet(**ckpt["config"])
+    net.load_state_dict(ckpt["state"])
+    net.mean, net.std, net.seconds = ckpt["mean"], ckpt["std"], ckpt["seconds"]
+    net.scenes = ckpt["scenes"]
+    return net.eval().requires_grad_(False)
+
+
+def metric_net(root, res=64, verbose=True):
+    """The cached metric network of ROOT, trained first if there is none, or if the scenes
+    were rendered again since (another seed, count or room yaw)."""
+    path = metric_path(root, res)
+    if os.path.isfile(path):
+        net = load_metric_net(path)
+        if net.scenes == scene_key(scenes.read_scene_meta(root)):
+            return net
+        print(f"note: {path} was trained on other scenes ({net.scenes}); training it again")
+    return train_metric_net(root, res, verbose=verbose)
+
+
+@torch.no_grad()
+def features(net, images, batch=256):
+    """(N, 3, H, W) in [-1, 1] -> (N, feat) float64 and the predicted object count (N,)."""
+    feats, counts = [], []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch].float()
+        feats.append(net.features(x).double())
+        counts.append(net(x)[1].argmax(1))
+    return torch.cat(feats), torch.cat(counts)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Distances between two sets of features
+# ---------------------------------------------------------------------------------------------
+def sqrtm_psd(a):
+    """The symmetric square root of a symmetric positive semi-definite matrix, by its eigen-
+    decomposition (eigenvalues clamped at 0: round-off can make the smallest slightly < 0)."""
+    w, v = torch.linalg.eigh(a)
+    return (v * w.clamp_min(0).sqrt()) @ v.T
+
+
+def frechet_distance(x, y):
+    """Frechet distance between Gaussians fitted to two feature sets (N, d), (M, d), float64:
+    |mu_x - mu_y|^2 + tr(S_x + S_y - 2 (S_x^1/2 S_y S_x^1/2)^1/2).
+
+    The usual scipy sqrtm(S_x S_y) takes the root of a non-symmetric matrix and can return
+    complex round-off; S_x^1/2 S_y S_x^1/2 is symmetric PSD with the same trace root, so two
+    symmetric eigendecompositions do it stably. Biased upwards for small N (like FID)."""
+    x, y = x.double(), y.double()
+    mx, my = x.mean(0), y.mean(0)
+    sx, sy = torch.cov(x.T), torch.cov(y.T)
+    r = sqrtm_psd(sx)
+    cross = torch.linalg.eigvalsh(r @ sy @ r).clamp_min(0).sqrt().sum()
+    return ((mx - my).square().sum() + sx.trace() + sy.trace() - 2 * cross).item()
+
+
+def kid(x, y):
+    """Kernel Inception Distance on these features: the unbiased estimate of MMD^2 with the
+    cubic polynomial kernel k(a, b) = (a.b / d + 1)^3 (Binkowski et al. 2018), and its standard
+    error by the two-sample delete-one jackknife (cheap: each leave-one-out MMD^2 is the full one
+    minus one row of the kernel matrices). Unbiased: two sets from one distribution score ~0,
+    and may score below 0. x (N, d), y (M, d) -> (kid, standard error)."""
+    x, y = x.double(), y.double()
+    n, m, d = len(x), len(y), x.shape[1]
+    kxx, kyy, kxy = [(a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y))]
+    kxx.fill_diagonal_(0)
+    kyy.fill_diagonal_(0)
+    sxx, syy, sxy = kxx.sum(), kyy.sum(), kxy.sum()
+
+    def mmd(sxx, syy, sxy, n, m):
+        return sxx / (n * (n - 1)) + syy / (m * (m - 1)) - 2 * sxy / (n * m)
+    full = mmd(sxx, syy, sxy, n, m)
+    # Without x_i: its row and column leave kxx (2 * row sum), its row leaves kxy.
+    without_x = mmd(sxx - 2 * kxx.sum(1), syy, sxy - kxy.sum(1), n - 1, m)   # (n,)
+    without_y = mmd(sxx, syy - 2 * kyy.sum(1), sxy - kxy.sum(0), n, m - 1)  # (m,)
+    var = ((n - 1) / n * (without_x - without_x.mean()).square().sum()
+           + (m - 1) / m * (without_y - without_y.mean()).square().sum())
+    return full.item(), var.sqrt().item()
+
+
+def precision_recall(real, fake, k=3):
+    """Improved precision and recall (Kynkaanniemi et al. 2019). Each set's manifold is the
+    union of balls around its points with radius the distance to their k-th nearest neighbour.
+    precision: the fraction of fakes inside the real manifold (are the samples realistic?);
+    recall: the fraction of reals inside the fake manifold (is all of the data covered?)."""
+    real, fake = real.double(), fake.double()
+
+    def radii(a):
+        return torch.cdist(a, a).kthvalue(k + 1, dim=1).values              # +1: itself at 0
+
+    def inside(points, centres, r):
+        return (torch.cdist(points, centres) <= r[None]).any(1).double().mean().item()
+    return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
+
+
+def distances(real, fake):
+    """All four numbers between two feature sets, as a dict (README, Results)."""
+    k, k_se = kid(real, fake)
+    p, r = precision_recall(real, fake)
+    return dict(fd=frechet_distance(real, fake), kid=k, kid_se=k_se, precision=p, recall=r,
+                n_real=len(real), n_fake=len(fake))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Validation: a metric that does not pass these is not used
+# ---------------------------------------------------------------------------------------------
+def gaussian_blur(x, sigma):
+    """Separable Gaussian blur of (B, C, H, W) with standard deviation sigma pixels."""
+    r = max(1, int(3 * sigma + 0.5))
+    t = torch.arange(-r, r + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = (k / k.sum()).view(1, 1, 1, -1).repeat(x.shape[1], 1, 1, 1)
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k, groups=x.shape[1])
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.transpose(2, 3), groups=x.shape[1])
+
+
+DEGRADATIONS = dict(
+    # name: (strengths, function of (images in [-1, 1], strength, generator))
+    blur=((0.5, 1.0, 2.0), lambda x, s, g: gaussian_blur(x, s)),
+    noise=((0.05, 0.1, 0.2), lambda x, s, g: (x + 2 * s * torch.randn(x.shape, generator=g))
+           .clamp(-1, 1)),                                   # s: std in [0, 1] units
+    colour=((0.05, 0.1, 0.2), lambda x, s, g: (x + 2 * s * torch.tensor([1.0, 0.0, -1.0])
+                                              .view(1, 3, 1, 1)).clamp(-1, 1)),  # red up, blue down
+)
+
+
+def validate(net, root, n=250, res=None, seed=0, verbose=True):
+    """Score a second set of real scenes, and degraded copies of it, against a first one.
+    Both are new scenes (another seed than ROOT's training and held-out ones), drawn like them;
+    "empty" is the second set's rooms with every object removed. -> list of rows (dicts)."""
+    meta = scenes.read_scene_meta(root)
+    res = res or net.config["res"]
+    ref = scene_set(root, f"ref-{2 * n}", 2 * n, meta["seed"] + 1, meta)
+    bare = scene_set(root, f"ref-{2 * n}-empty", 2 * n, meta["seed"] + 1, meta, empty=True)
+    files = data_mod.scan_images(ref)
+    a, b = read_images(ref, res, files[:n]), read_images(ref, res, files[n:])
+    fa = features(net, a)[0]
+    g = torch.Generator().manual_seed(seed)
+    sets = [("real (disjoint)", 0.0, b)]
+    for name, (strengths, fn) in DEGRADATIONS.items():
+        sets += [(name, s, fn(b, s, g)) for s in strengths]
+    sets.append(("empty rooms", 0.0, read_images(bare, res, data_mod.scan_images(bare)[n:])))
+    rows = []
+    for name, s, imgs in tqdm(sets, desc="validating the metric", disable=not verbose):
+        fb, counts = features(net, imgs)
+        rows.append(dict(set=name, strength=s, **distances(fa, fb),
+                         no_object=(counts == 0).double().mean().item()))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Scoring: (a) samples, (b) novel views, (c) reconstructions
+# ---------------------------------------------------------------------------------------------
+def score_views(net, root, model, max_scenes=None, save=None):
+    """(b) the autoencoder's novel views at yaw +-20 against the true views there, with the
+    copy and depth-warp baselines scored the same way; (c) its reconstructions at P0 against
+    the input photos: the ceiling for samples decoded from its latents. Plus evaluate_views'
+    PSNR table."""
+    r = evaluate_views(model, root, max_scenes, save=save, keep=True)
+    imgs = r.pop("images")
+    true = features(net, imgs["true"])[0]
+    for key in ("model", "copy", "warp"):
+        r.update({f"{k}_{key}_yaw20": v for k, v in distances(true, features(
+            net, imgs[key])[0]).items() if k in ("fd", "kid", "kid_se", "precision", "recall")})
+    rec = distances(features(net, imgs["input"])[0], features(net, imgs["recon"])[0])
+    r.update({f"{k}_recon": v for k, v in rec.items() if not k.startswith("n_")})
+    return r
+
+
+@torch.no_grad()
+def score_samples(net, root, ae_model, ldm, n=256, seed=0, steps=50, yaw=20.0):
+    """(a) n samples, rendered at P0 and at yaw +-yaw, against the held-out scenes' real views
+    at the same poses; and the fraction of samples with no object (the metric network's
+    object count, at P0)."""
+    import diffusion
+    import sample
+    c = ae_model.config
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % ldm.num_classes if ldm.num_classes else None
+    z = diffusion.ddim_sample(ldm, (n, *ldm.config["latent_shape"]), steps, 0.0, labels, 1.0,
+                              generator=g, progress=True)
+    planes = ae_model.decode(z)
+    yaws = torch.tensor([0.0, -yaw, yaw])
+    fake = {}
+    for y in yaws.tolist():
+        cams = render.orbit_camera(torch.full((n,), y), torch.zeros(n), c["radius"])
+        fake[y] = sample.render_frames(ae_model, planes, cams)[0].clamp(-1, 1)
+    r = evaluate_views(ae_model, root, keep=True)["images"]     # real views of held-out scenes
+    real = {0.0: r["input"], yaw: r["true"], -yaw: r["true"]}   # true: both +-yaw views
+    out = {}
+    f0, counts = features(net, fake[0.0])
+    out.update({f"{k}_p0": v for k, v in distances(features(net, real[0.0])[0], f0).items()})
+    side = torch.cat([fake[-yaw], fake[yaw]])
+    out.update({f"{k}_yaw{yaw:g}": v for k, v in distances(features(net, real[yaw])[0],
+                                                           features(net, side)[0]).items()})
+    out["no_object_fraction"] = (counts == 0).double().mean().item()
+    out["no_object_fraction_real"] = (features(net, real[0.0])[1] == 0).double().mean().item()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Command line
+# ---------------------------------------------------------------------------------------------
+def print_rows(rows, keys):
+    print("  ".join(f"{k:>16s}" for k in keys))
+    for row in rows:
+        print("  ".join(f"{row[k]:>16.4g}" if isinstance(row[k], float) else f"{row[k]!s:>16s}"
+                        for k in keys))
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Novel-view and sample metrics for synthetic scenes.")
+    p.add_argument("what", choices=["validate", "views", "samples"])
+    p.add_argument("ckpt", nargs="*", help="views: AE_CKPT; samples: AE_CKPT LDM_CKPT")
+    p.add_argument("--data", default=None, help="synthetic scenes with held-out views "
+                   "(default: the autoencoder's default data, data/scenes-64)")
+    p.add_argument("--res", type=int, default=64, help="the metric network's input size")
+    p.add_argument("--n", type=int, default=256, help="samples to score (samples)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the numbers here too")
+    args = p.parse_args(argv)
+    need = dict(validate=0, views=1, samples=2)[args.what]
+    if len(args.ckpt) != need:
+        raise UserError(f"evaluate.py {args.what} takes {need} checkpoint path(s), got "
+                        f"{len(args.ckpt)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = args.data or ae.default_data_root(64)
+    net = metric_net(root, args.res)
+    if args.what == "validate":
+        rows = validate(net, root, seed=args.seed)
+        print(f"metric network: {root}, {args.res} px, trained in {net.seconds:.0f} s; "
+              f"first real set vs:")
+        print_rows(rows, ["set", "strength", "fd", "kid", "kid_se", "precision", "recall",
+                          "no_object"])
+        result = rows
+    elif args.what == "views":
+        model = ae.load(args.ckpt[0])
+        result = score_views(net, root, model, save=os.path.join(
+            os.path.dirname(args.ckpt[0]), "eval_views.png"))
+        for k, v in result.items():
+            print(f"  {k:28s} {v:.4g}")
+    else:
+        import sample
+        ae_model, ldm = sample.load_models(args.ckpt[0], args.ckpt[1], torch.device("cpu"))
+        result = score_samples(net, root, ae_model, ldm, args.n, args.seed)
+        for k, v in result.items():
+            print(f"  {k:28s} {v:.4g}")
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    data_mod.run_cli(main)
