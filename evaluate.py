@@ -250,6 +250,9 @@ class MetricNet(nn.Module):
         return torch.cat([self.hidden(x), low_level(self.resize(x))], 1)
 
 
+LOW_LEVEL_DIMS = 9                                  # 3 colour channels x 3 scales
+
+
 def low_level(x, scales=3):
     """log of the standard deviation of each colour channel's Laplacian, at `scales` octaves
     (B, 3 * scales): an image's edge energy. Blur lowers it, noise raises it, and the log makes
@@ -434,11 +437,18 @@ def precision_recall(real, fake, k=3):
 
 
 def distances(real, fake):
-    """All four numbers between two feature sets, as a dict (README, Results)."""
+    """All four numbers between two sets of metric features (N, feat + 9), as a dict (README,
+    Results); and KID on each part alone: "content" (the network's features: objects,
+    colours, layout) and "texture" (low_level: edge energy). Blurry renders and renders with
+    high-frequency artefacts can score alike on the whole and far apart on the parts, so both
+    are reported."""
     k, k_se = kid(real, fake)
     p, r = precision_recall(real, fake)
-    return dict(fd=frechet_distance(real, fake), kid=k, kid_se=k_se, precision=p, recall=r,
-                n_real=len(real), n_fake=len(fake))
+    out = dict(fd=frechet_distance(real, fake), kid=k, kid_se=k_se, precision=p, recall=r)
+    cut = real.shape[1] - LOW_LEVEL_DIMS
+    for part, sl in (("content", slice(0, cut)), ("texture", slice(cut, None))):
+        out[f"kid_{part}"], out[f"kid_{part}_se"] = kid(real[:, sl], fake[:, sl])
+    return dict(out, n_real=len(real), n_fake=len(fake))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,6 +498,15 @@ def validate(net, root, n=250, res=None, seed=0, verbose=True):
     return rows
 
 
+def count_accuracy(net, root):
+    """How often the network's object count is right on ROOT's held-out scenes (never trained
+    on): whether "no object" in a sample can be believed depends on it."""
+    held = os.path.join(root, "_heldout")
+    truth = torch.from_numpy(np.load(os.path.join(held, "params.npy"))[:, 0]).long()
+    counts = features(net, read_images(held, net.config["res"]))[1]
+    return (counts == truth).double().mean().item()
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. Scoring: (a) samples, (b) novel views, (c) reconstructions
 # ---------------------------------------------------------------------------------------------
@@ -501,7 +520,7 @@ def score_views(net, root, model, max_scenes=None, save=None):
     true = features(net, imgs["true"])[0]
     for key in ("model", "copy", "warp"):
         r.update({f"{k}_{key}_yaw20": v for k, v in distances(true, features(
-            net, imgs[key])[0]).items() if k in ("fd", "kid", "kid_se", "precision", "recall")})
+            net, imgs[key])[0]).items() if not k.startswith("n_")})
     rec = distances(features(net, imgs["input"])[0], features(net, imgs["recon"])[0])
     r.update({f"{k}_recon": v for k, v in rec.items() if not k.startswith("n_")})
     return r
@@ -577,10 +596,12 @@ def main(argv=None):
     net = metric_net(root, args.res)
     if args.what == "validate":
         rows = validate(net, root, seed=args.seed)
-        print(f"metric network: {root}, {args.res} px, trained in {net.seconds:.0f} s; "
-              f"first real set vs:")
-        print_rows(rows, ["set", "strength", "fd", "kid", "kid_se", "precision", "recall",
-                          "no_object"])
+        acc = count_accuracy(net, root)
+        print(f"metric network: {root}, {args.res} px, trained in {net.seconds:.0f} s; object "
+              f"count right on {100 * acc:.1f}% of the held-out scenes; first real set vs:")
+        rows.append(dict(set="held-out object count accuracy", value=acc))
+        print_rows(rows[:-1], ["set", "strength", "fd", "kid", "kid_se", "precision", "recall",
+                               "no_object"])
         result = rows
     elif args.what == "views":
         model = ae.load(args.ckpt[0])

@@ -171,3 +171,7 @@ def test_metric_passes_its_validation(metric_root, monkeypatch):
     assert abs(r["real (disjoint)"]["kid"]) < 2 * r["real (disjoint)"]["kid_se"]
     assert r["empty rooms"]["kid"] > 2 * r["empty rooms"]["kid_se"]
     assert r["empty rooms"]["no_object"] > r["real (disjoint)"]["no_object"] + 0.2
+    # The parts: blur is seen by the texture statistics, an empty room by the content features.
+    blur = [row for row in rows if row["set"] == "blur"][-1]
+    assert blur["kid_texture"] > 3 * blur["kid_texture_se"]
+    assert r["empty rooms"]["kid_content"] > 2 * r["empty rooms"]["kid_content_se"]
