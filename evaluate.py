@@ -428,8 +428,8 @@ def precision_recall(real, fake, k=3):
     recall: the fraction of reals inside the fake manifold (is all of the data covered?)."""
     real, fake = real.double(), fake.double()
 
-    def radii(a):
-        return torch.cdist(a, a).kthvalue(k + 1, dim=1).values              # +1: itself at 0
+    def radii(a):                                  # k + 1: itself at distance 0 (k < N)
+        return torch.cdist(a, a).kthvalue(min(k, len(a) - 1) + 1, dim=1).values
 
     def inside(points, centres, r):
         return (torch.cdist(points, centres) <= r[None]).any(1).double().mean().item()

@@ -12,6 +12,7 @@ import evaluate as E
 import render
 import scenes as scenes_mod
 from test_autoencoder import micro_args, scenes  # noqa: F401  (the 4-scene folder fixture)
+from test_sample import ae_ckpt, ldm_ckpt  # noqa: F401  (micro autoencoder + diffusion)
 
 
 def test_forward_warp_identity_and_baseline_psnr():
@@ -175,3 +176,23 @@ def test_metric_passes_its_validation(metric_root, monkeypatch):
     blur = [row for row in rows if row["set"] == "blur"][-1]
     assert blur["kid_texture"] > 3 * blur["kid_texture_se"]
     assert r["empty rooms"]["kid_content"] > 2 * r["empty rooms"]["kid_content_se"]
+
+
+def test_score_samples_counts_samples_without_objects(ae_ckpt, ldm_ckpt, tmp_path):  # noqa: F811
+    """(a): samples at P0 and yaw +-20 against the held-out real views, and the fraction the
+    metric network counts no object in -- all of them for a network whose count head always
+    says 0, none for one that always says 2."""
+    import sample
+    root = str(tmp_path / "scenes")
+    scenes_mod.make_scenes(root, 2, res=16, heldout=3, views="-20:0,20:0", aa=1, verbose=False)
+    ae_model, ldm = sample.load_models(ae_ckpt, ldm_ckpt, torch.device("cpu"))
+    net = E.MetricNet(len(scenes_mod.PARAM_NAMES), res=16).eval()
+    for count, expect in ((0, 1.0), (2, 0.0)):
+        with torch.no_grad():
+            net.count_head.weight.zero_()
+            net.count_head.bias.copy_(torch.arange(E.MAX_OBJECTS + 1) == count)
+        r = E.score_samples(net, root, ae_model, ldm, n=4, steps=2)
+        assert r["no_object_fraction"] == expect and r["no_object_fraction_real"] == expect
+        assert r["n_fake_p0"] == 4 and r["n_real_p0"] == 3             # 3 held-out scenes
+        assert r["n_fake_yaw20"] == 8 and r["n_real_yaw20"] == 6       # both sides of P0
+        assert np.isfinite(r["fd_p0"]) and 0 <= r["recall_yaw20"] <= 1
