@@ -2,12 +2,13 @@
 evaluate.py -- every number in the README's results: novel views scored against held-out truth,
 and a distribution metric for the synthetic scenes, for samples as well as for novel views.
 
-Not a stage of WildFusion, its measuring tape. The paper scores novel views and samples with
-FID/KID on Inception features (Sec. 4); those need weights from the internet and mean little at
-32-64 px. Here the scenes of scenes.py come with their parameters (objects, colours, layout,
-light, camera), so a small CNN can be trained, in minutes on a CPU, to predict them from an
-image; its penultimate features then play Inception's part -- the way FVD or domain-specific
-FIDs are built. The metric is validated before it is used (`python evaluate.py validate`).
+Not a stage of WildFusion, its measuring tape. 3D-aware generators are usually scored with
+FID/KID on Inception features; those need weights from the internet and mean little at 32-64
+px. Here the scenes of scenes.py come with their parameters (objects, colours, layout, light,
+camera), so a small CNN can be trained, in minutes on a CPU, to predict them from an image; its
+penultimate features (plus the image's edge energy, which it is blind to) then play Inception's
+part -- the way FVD or domain-specific FIDs are built. The metric is validated before it is
+used (`python evaluate.py validate`: ~6 min the first time on 2 cores, then cached).
 
     python evaluate.py validate                       # train (once) and check the metric network
     python evaluate.py views runs/ae-tiny/ckpt.pt     # (b) novel views, (c) reconstructions, PSNR
