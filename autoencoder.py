@@ -344,7 +344,8 @@ class Discriminator(nn.Module):
             return image
         if depth.shape[-1] != low:
             depth = F.interpolate(depth, size=low, mode="nearest")
-        depth = F.interpolate(depth, size=image.shape[-2:], mode="nearest")
+        if depth.shape[-2:] != image.shape[-2:]:
+            depth = F.interpolate(depth, size=image.shape[-2:], mode="nearest")
         return torch.cat([image, normalize_depth(depth)], 1)
 
     def forward(self, x):

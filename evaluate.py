@@ -8,7 +8,8 @@ px. Here the scenes of scenes.py come with their parameters (objects, colours, l
 camera), so a small CNN can be trained, in minutes on a CPU, to predict them from an image; its
 penultimate features (plus the image's edge energy, which it is blind to) then play Inception's
 part -- the way FVD or domain-specific FIDs are built. The metric is validated before it is
-used (`python evaluate.py validate`: ~6 min the first time on 2 cores, then cached).
+used (`python evaluate.py validate`: 210 s the first time with --threads 1 on the README's
+2-core machine, then cached).
 
     python evaluate.py validate                       # train (once) and check the metric network
     python evaluate.py views runs/ae-tiny/ckpt.pt     # (b) novel views, (c) reconstructions, PSNR
@@ -170,8 +171,7 @@ def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, save=None, keep=
         name = os.path.splitext(os.path.basename(ds.files[i]))[0]
         for v in meta["views"]:
             yaw, pitch = v["yaw_deg"], v["pitch_deg"]
-            gt, gt_depth = load_view(os.path.join(held, "_views", name,
-                                                  f"yaw{yaw:+g}_pitch{pitch:+g}"), c["res"])
+            gt, gt_depth = load_view(scenes.view_stem(held, name, yaw, pitch), c["res"])
             cam = render.orbit_camera(torch.tensor([float(yaw)]), torch.tensor([float(pitch)]),
                                       c["radius"])
             pred = model.render(planes, cam)["image"].clamp(-1, 1)
@@ -179,9 +179,10 @@ def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, save=None, keep=
             the_yaw = abs(abs(yaw) - yaw_only) < 1e-6 and pitch == 0
             seen = seen_by_input(gt_depth, cam, depth, c["fov_deg"], c["radius"])
             for key, img in (("model", pred), ("copy", image), ("warp", warp)):
-                add(f"psnr_{key}", psnr(img, gt).item())
+                score = psnr(img, gt).item()
+                add(f"psnr_{key}", score)
                 if the_yaw:
-                    add(f"psnr_{key}_yaw{yaw_only:g}", psnr(img, gt).item())
+                    add(f"psnr_{key}_yaw{yaw_only:g}", score)
                     add(f"psnr_{key}_yaw{yaw_only:g}_seen", psnr(img, gt, seen).item())
                     add(f"psnr_{key}_yaw{yaw_only:g}_unseen", psnr(img, gt, ~seen).item())
                     images[key].append(img)
@@ -242,13 +243,6 @@ class MetricNet(nn.Module):
     def forward(self, x):
         h = self.hidden(x)
         return self.params_head(h), self.count_head(h)
-
-    def features(self, x):
-        """The metric's feature vector (B, feat + 9): the penultimate layer, then the image's
-        low-level statistics (low_level). The first is what the scene is -- and is blind to
-        blur and noise, which change no scene parameter (validation, README) -- the second
-        sees exactly those."""
-        return torch.cat([self.hidden(x), low_level(self.resize(x))], 1)
 
 
 LOW_LEVEL_DIMS = 9                                  # 3 colour channels x 3 scales
@@ -364,12 +358,17 @@ def metric_net(root, res=64, verbose=True):
 
 @torch.no_grad()
 def features(net, images, batch=256):
-    """(N, 3, H, W) in [-1, 1] -> (N, feat) float64 and the predicted object count (N,)."""
+    """Images (N, 3, H, W) in [-1, 1], any size -> the metric's features (N, feat + 9) float64
+    and the predicted object count (N,). The features are the network's penultimate layer,
+    then the image's low-level statistics (low_level). The first is what the scene is -- and is
+    blind to blur and noise, which change no scene parameter (validation, README) -- the
+    second sees exactly those."""
     feats, counts = [], []
     for i in range(0, len(images), batch):
-        x = images[i:i + batch].float()
-        feats.append(net.features(x).double())
-        counts.append(net(x)[1].argmax(1))
+        x = net.resize(images[i:i + batch].float())
+        h = net.hidden(x)
+        feats.append(torch.cat([h, low_level(x)], 1).double())
+        counts.append(net.count_head(h).argmax(1))
     return torch.cat(feats), torch.cat(counts)
 
 
@@ -540,21 +539,23 @@ def score_samples(net, root, ae_model, ldm, n=256, seed=0, steps=50, yaw=20.0):
     z = diffusion.ddim_sample(ldm, (n, *ldm.config["latent_shape"]), steps, 0.0, labels, 1.0,
                               generator=g, progress=True)
     planes = ae_model.decode(z)
-    yaws = torch.tensor([0.0, -yaw, yaw])
-    fake = {}
-    for y in yaws.tolist():
+
+    def views(y):                                # all samples from yaw y: (n, 3, res, res)
         cams = render.orbit_camera(torch.full((n,), y), torch.zeros(n), c["radius"])
-        fake[y] = sample.render_frames(ae_model, planes, cams)[0].clamp(-1, 1)
-    r = evaluate_views(ae_model, root, keep=True)["images"]     # real views of held-out scenes
-    real = {0.0: r["input"], yaw: r["true"], -yaw: r["true"]}   # true: both +-yaw views
-    out = {}
-    f0, counts = features(net, fake[0.0])
-    out.update({f"{k}_p0": v for k, v in distances(features(net, real[0.0])[0], f0).items()})
-    side = torch.cat([fake[-yaw], fake[yaw]])
-    out.update({f"{k}_yaw{yaw:g}": v for k, v in distances(features(net, real[yaw])[0],
-                                                           features(net, side)[0]).items()})
+        return sample.render_frames(ae_model, planes, cams)[0].clamp(-1, 1)
+    # The real views: the held-out inputs, and their true views at -yaw and +yaw.
+    held = os.path.join(root, "_heldout")
+    files = data_mod.scan_images(held)
+    real_p0, real_counts = features(net, read_images(held, c["res"], files))
+    real_side = features(net, torch.cat([
+        load_view(scenes.view_stem(held, os.path.splitext(f)[0], y, 0.0), c["res"])[0]
+        for f in files for y in (-yaw, yaw)]))[0]
+    fake_p0, counts = features(net, views(0.0))
+    fake_side = features(net, torch.cat([views(-yaw), views(yaw)]))[0]
+    out = {f"{k}_p0": v for k, v in distances(real_p0, fake_p0).items()}
+    out.update({f"{k}_yaw{yaw:g}": v for k, v in distances(real_side, fake_side).items()})
     out["no_object_fraction"] = (counts == 0).double().mean().item()
-    out["no_object_fraction_real"] = (features(net, real[0.0])[1] == 0).double().mean().item()
+    out["no_object_fraction_real"] = (real_counts == 0).double().mean().item()
     return out
 
 

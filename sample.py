@@ -734,7 +734,8 @@ def demo(args):
                           os.path.join(args.out, "viewer.html"))
     bar.update()
     # How good are the autoencoder's novel views? Held-out scenes against their true views.
-    scores = evaluate.evaluate_views(ae_model, data_root, save=os.path.join(args.out, "eval_views.png"))
+    scores = evaluate.evaluate_views(ae_model, data_root,
+                                     save=os.path.join(args.out, "eval_views.png"))
     bar.update()
     bar.close()
     took["sampling"] = time.time() - t0

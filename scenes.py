@@ -117,9 +117,8 @@ def scene_params(scene):
     over the objects (0 for a scene without any); positions are turned by the room yaw, so they
     are where the camera sees them (x to its right, z away from it)."""
     obs = scene["objects"]
-    a = math.radians(scene.get("room_yaw", 0.0))
-    xz = [(o["center"][0] * math.cos(a) + o["center"][2] * math.sin(a),
-           -o["center"][0] * math.sin(a) + o["center"][2] * math.cos(a)) for o in obs]
+    turn = _rot_y(scene.get("room_yaw", 0.0))             # camera frame -> scene frame
+    xz = [(o["center"] @ turn)[[0, 2]] for o in obs]      # p @ R = R^T p: scene -> camera
     mean = lambda xs, k: np.mean(np.reshape(xs, (-1, k)), 0) if xs else np.zeros(k)
     v = [len(obs)] + [sum(o["kind"] == k for o in obs) for k in ("sphere", "box", "cylinder")]
     v += [*mean([o["colour"] for o in obs], 3), *mean(xz, 2), *mean([o["size"] for o in obs], 1)]
@@ -304,6 +303,12 @@ def parse_views(text):
     return views
 
 
+def view_stem(held, name, yaw, pitch):
+    """Where held-out scene NAME's view from (yaw, pitch) lives: STEM.png and STEM.npy under
+    HELD/_views/NAME/ (HELD is OUT/_heldout)."""
+    return os.path.join(held, "_views", name, f"yaw{yaw:+g}_pitch{pitch:+g}")
+
+
 def _save_rgb(path, rgb):
     Image.fromarray((rgb * 255 + 0.5).astype(np.uint8)).save(path)
 
@@ -339,12 +344,11 @@ def make_scenes(out, n, res=64, seed=0, heldout=0, views=DEFAULT_VIEWS, aa=2,
         _save_rgb(os.path.join(folder, name + ".png"), rgb)
         np.save(os.path.join(folder, "depth", name + ".npy"), depth)
         if i >= n:
-            vdir = os.path.join(out, "_heldout", "_views", name)
-            os.makedirs(vdir, exist_ok=True)
+            os.makedirs(os.path.join(out, "_heldout", "_views", name), exist_ok=True)
             for yaw, pitch in poses:
                 rgb, depth = render_scene(scene, scene_camera(yaw, pitch, radius), fov_deg,
                                           res, aa)
-                stem = os.path.join(vdir, f"yaw{yaw:+g}_pitch{pitch:+g}")
+                stem = view_stem(os.path.join(out, "_heldout"), name, yaw, pitch)
                 _save_rgb(stem + ".png", rgb)
                 np.save(stem + ".npy", depth)
     np.save(os.path.join(out, "params.npy"), np.stack(params[:n]))

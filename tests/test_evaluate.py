@@ -147,7 +147,7 @@ def test_precision_and_recall_see_realism_and_coverage():
 # --- the metric network: it must pass its validation -----------------------------------------
 @pytest.fixture(scope="module")
 def metric_root(tmp_path_factory):
-    """160 training scenes at 32 px, for a small metric network trained in ~25 s."""
+    """160 training scenes at 32 px, for a small metric network trained in ~7 s."""
     root = str(tmp_path_factory.mktemp("metric"))
     scenes_mod.make_scenes(root, 160, res=32, aa=1, verbose=False)
     return root
