@@ -127,16 +127,27 @@ class Decoder(nn.Module):
     row or column of the image. Self-attention over the latent tokens lets every output position
     see the whole latent (global context). The convolutions then upsample to the plane
     resolution and add local detail, which attention over a coarse grid cannot.
+
+    axis=True (`--plane-decode axis`) gives the xz and yz planes grids laid out like them
+    before the convolutions (axis_grids). On the tiny preset it measured no better than the
+    default (README, Results), so the default stays the simpler one.
     """
 
-    def __init__(self, z_ch, h, dim, depth, heads, plane_ch, plane_res, centre=False):
+    def __init__(self, z_ch, h, dim, depth, heads, plane_ch, plane_res, centre=False,
+                 axis=False):
         super().__init__()
-        self.plane_ch, self.plane_res, self.centre = plane_ch, plane_res, centre
+        self.plane_ch, self.plane_res, self.centre, self.axis = plane_ch, plane_res, centre, axis
         self.inp = nn.Conv2d(z_ch, dim, 3, padding=1)
         self.pos = nn.Parameter(torch.randn(1, h * h, dim) * 0.02)          # learned 2D positions
         layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.transformer = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        if axis:
+            # axis=True: each plane gets a grid of its own, laid out like the plane (see
+            # axis_grids), and one CNN, shared by the three, decodes them in a batch.
+            self.lift_xz = nn.Conv1d(dim, dim * h, 1)          # column x -> h cells along z
+            self.lift_yz = nn.Conv1d(dim, dim * h, 1)          # row y    -> h cells along z
+            self.plane_id = nn.Parameter(torch.zeros(3, dim, 1, 1))   # which plane this is
         ups = [ResBlock(dim, dim)]
         c = dim
         # centre=True: the CNN stops at half the plane resolution, aligned with z's grid, and
@@ -145,14 +156,20 @@ class Decoder(nn.Module):
             c_next = max(c // 2, 3 * plane_ch)
             ups += [upsample(c), ResBlock(c, c_next)]
             c = c_next
-        self.cnn = nn.Sequential(*ups, norm(c), nn.SiLU(), nn.Conv2d(c, 3 * plane_ch, 3, padding=1))
+        out_ch = plane_ch if axis else 3 * plane_ch
+        self.cnn = nn.Sequential(*ups, norm(c), nn.SiLU(), nn.Conv2d(c, out_ch, 3, padding=1))
 
     def forward(self, z):
         x = self.inp(z)                                                      # (B, D, h, w)
         B, D, h, w = x.shape
         tokens = self.transformer(x.flatten(2).transpose(1, 2) + self.pos)   # (B, h*w, D)
         x = tokens.transpose(1, 2).reshape(B, D, h, w)
-        planes = self.cnn(x)                                                 # (B, 3C, R, R)
+        if self.axis:
+            grids = self.axis_grids(x)                                      # (B, 3, D, h, w)
+            planes = self.cnn(grids.flatten(0, 1))                          # (3B, C, R', R')
+            planes = planes.unflatten(0, (B, 3)).flatten(1, 2)              # (B, 3C, R', R')
+        else:
+            planes = self.cnn(x)                                            # (B, 3C, R', R')
         if self.centre:
             # The image covers roughly the un-contracted unit cube, which the contraction maps
             # to the central half of each plane. Decoding z over the whole plane would make the
@@ -167,6 +184,21 @@ class Decoder(nn.Module):
             planes = planes[..., idx, :][..., idx]                           # (B, 3C, R, R)
         return planes.view(B, 3, self.plane_ch, self.plane_res, self.plane_res)
 
+    def axis_grids(self, x):
+        """Token grid (B, D, h, w) -> one grid per plane, laid out like that plane (B, 3, D, h, w).
+
+        The token grid is laid out like the image: rows are y, columns x (OpenCV axes at P0),
+        so it *is* the xy plane's layout (height y, width x). The xz plane is (height z, width
+        x) and the yz plane (height z, width y): neither has an image axis along z, and a
+        local CNN on the image grid would even find the yz plane's y along its columns,
+        transposed. So each image column (all the input saw at that x) is pooled and lifted to
+        h cells along z by a 1x1 convolution, and each image row (y) likewise.
+        """
+        B, D, h, w = x.shape
+        xz = self.lift_xz(x.mean(2)).view(B, D, h, w)                       # (B, D, z, x)
+        yz = self.lift_yz(x.mean(3)).view(B, D, h, h)                       # (B, D, z, y)
+        return torch.stack([x, xz, yz], 1) + self.plane_id                  # (B, 3, D, h, w)
+
 
 # ---------------------------------------------------------------------------------------------
 # 4. Field MLP and upsampler
@@ -179,9 +211,11 @@ class Field(nn.Module):
     colour, so the low-resolution render is itself an image that is exactly 3D-consistent.
     """
 
-    def __init__(self, c_in, hidden, c_out):
+    def __init__(self, c_in, hidden, c_out, layers=1):
         super().__init__()
-        self.hidden = nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU())
+        dims = [c_in] + [hidden] * layers              # EG3D: one hidden layer of 64
+        self.hidden = nn.Sequential(*[m for a, b in zip(dims, dims[1:])
+                                      for m in (nn.Linear(a, b), nn.ReLU())])
         self.density, self.features = nn.Linear(hidden, 1), nn.Linear(hidden, c_out)
 
     def forward(self, feats):
@@ -225,13 +259,14 @@ class AutoEncoder(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        c = self.config = dict(config)
+        c = self.config = full_config(config)
         down = c["res"] // c["z_res"]
         self.encoder = Encoder(4 if c["depth_input"] else 3, c["enc_ch"], c["z_ch"], down)
         self.decoder = Decoder(c["z_ch"], c["z_res"], c["dec_dim"], c["dec_depth"],
                                c["dec_heads"], c["plane_ch"], c["plane_res"],
-                               centre=c.get("plane_layout") == "centre")
-        self.field = Field(c["plane_ch"], c["hidden"], c["feat_ch"])
+                               centre=c["plane_layout"] == "centre",
+                               axis=c["plane_decode"] == "axis")
+        self.field = Field(c["plane_ch"], c["hidden"], c["feat_ch"], c["field_layers"])
         self.upsampler = Upsampler(c["feat_ch"], c["up_ch"], c["res"] // c["render_res"])
         self.compile = False                          # set by the training script (--compile)
 
@@ -271,6 +306,15 @@ class AutoEncoder(nn.Module):
     def P0(self, n):
         """The input camera, n times: (n, 4, 4)."""
         return render.orbit_camera(torch.zeros(n), torch.zeros(n), self.config["radius"])
+
+
+# Model settings added after the first checkpoints were written, with the value those older
+# checkpoints were trained with: they load, and resume, as what they were.
+ADDED_LATER = dict(plane_layout="full", plane_decode="grid", field_layers=1)
+
+
+def full_config(config):
+    return {**ADDED_LATER, **config}
 
 
 def normalize_depth(depth):
@@ -377,7 +421,7 @@ def align_scale_shift(pred, target):
     return s, tm - s * pm
 
 
-def depth_loss(rendered, mono):
+def depth_loss(rendered, mono, metric=False):
     """Scale-and-shift invariant depth loss (MiDaS-style), in inverse depth.
 
     Monocular depth is only known up to scale and shift -- for the usual estimators, affine in
@@ -385,13 +429,24 @@ def depth_loss(rendered, mono):
     rendered one is aligned onto it by least squares before an L1. Aligning the prediction (not
     the target) means a flat prediction cannot score zero: it fits only the mean.
     rendered (B, 1, h, w) z-depth, mono (B, 1, H, W) depth -> scalar.
+
+    The price of the invariance: a scene rendered with half its true relief fits as well as the
+    true one, and nothing else in the loss tells them apart (the GAN is meant to). metric=True
+    (`--depth-metric`, for depth maps in the camera's own units, such as the synthetic scenes'
+    true depth) drops the alignment: the rendered disparity is standardised with the *target's*
+    mean and spread, so the relief must be right as well.
     """
     # Nearest, as in data.py: averaging would invent depths across occlusion edges.
     mono = F.interpolate(mono, size=rendered.shape[-2:], mode="nearest")
     target = normalize_depth(mono).flatten(1)                               # (B, N)
     # Rendered z-depth -> disparity (clamped: a ray that hits nothing near can report ~0).
     pred = 1.0 / rendered.clamp_min(1e-2).flatten(1)
-    s, b = align_scale_shift(pred, target)
+    if metric:
+        disp = 1.0 / mono.clamp_min(1e-3).flatten(1)                        # as normalize_depth
+        s = 1.0 / disp.std(1, keepdim=True).clamp_min(1e-6)
+        b = -disp.mean(1, keepdim=True) * s
+    else:
+        s, b = align_scale_shift(pred, target)
     return (s * pred + b - target).abs().mean()
 
 
@@ -514,8 +569,16 @@ def get_args(argv=None):
     a("--plane-layout", default="centre", choices=["centre", "full"],
       help="centre: z's grid decodes, aligned, into the central half of each plane (the "
       "un-contracted cube the image sees); full: over the whole plane (2x zoom to learn)")
+    a("--plane-decode", default="grid", choices=["grid", "axis"],
+      help="grid: one CNN on the image-aligned token grid outputs all three planes; axis: the "
+      "xz and yz planes are lifted from pooled image columns and rows first (Decoder; on "
+      "tiny no better than grid: README)")
+    a("--field-layers", type=int, default=1, help="hidden layers of the field MLP (on tiny, 2 "
+      "learned slower and lost 1 dB: README)")
     # losses
     a("--depth-weight", type=float, default=1.0, help="depth loss weight; 0 switches it off")
+    a("--depth-metric", action="store_true", help="the depth maps are in the camera's units "
+      "(synthetic scenes' true depth): no scale-and-shift alignment in the depth loss")
     a("--adv-weight", type=float, default=None, help="adversarial weight; 0 switches it off")
     a("--adv-start", type=int, default=None, help="step the adversarial loss starts "
       "(default: a third of --steps)")
@@ -581,7 +644,7 @@ def check_args(args):
         if not ok:
             raise UserError(msg)
     pow2 = lambda x: x > 0 and (x & (x - 1)) == 0
-    for name in ("steps", "batch", "accum", "every", "log_every"):
+    for name in ("steps", "batch", "accum", "every", "log_every", "field_layers"):
         need(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive")
     need(args.workers >= 0, "--workers must be >= 0")
     need(args.batch % world() == 0,
@@ -607,7 +670,8 @@ def model_config(args):
     c = {k: getattr(args, k) for k in MODEL_KEYS}
     c.update(fov_deg=args.fov_deg, radius=args.radius, contraction=args.contraction,
              depth_input=args.depth_input)
-    c["plane_layout"] = args.plane_layout             # absent in older checkpoints: "full"
+    c.update(plane_layout=args.plane_layout, plane_decode=args.plane_decode,
+             field_layers=args.field_layers)          # older checkpoints: ADDED_LATER
     return c
 
 
@@ -754,14 +818,15 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def resume_from(path, kind, config, seed, **objects):
+def resume_from(path, kind, config, seed, upgrade=dict, **objects):
     """Exact resume: restore each object (model, optimiser, ...) from the entry of the same name,
     and this process's RNG state, so the run continues as if never stopped. Returns the step.
 
     With another number of processes than the checkpoint's, the data order still continues
     where it stopped (it depends on the step, not the processes), but the saved RNG states (one
     per process) no longer match: each process then draws a fresh one from (seed, step, rank),
-    and the run goes on as a correct but no longer bit-exact continuation.
+    and the run goes on as a correct but no longer bit-exact continuation. `upgrade` fills in
+    the config keys an older checkpoint lacks (full_config) before comparing.
 
     No checkpoint yet: a fresh start from step 0, so that every launch of a preemptible job
     (SLURM requeue, README) can pass --resume."""
@@ -770,7 +835,7 @@ def resume_from(path, kind, config, seed, **objects):
             print(f"note: --resume, but no {path} yet: starting from step 0")
         return 0
     ckpt = load_checkpoint(path, kind, f"a {kind} checkpoint to resume")
-    if ckpt["config"] != config:
+    if upgrade(ckpt["config"]) != config:
         raise UserError(f"{path}: was trained with another model configuration (or data); "
                         f"use the same flags, or another --out")
     for name, obj in objects.items():
@@ -893,7 +958,7 @@ def autoencoder_loss(model, disc, image, depth, args, adv_on, lpips_fn):
         logs["lpips"] = lpips_fn(rec["image"], image).mean()
         loss = loss + args.lpips_weight * logs["lpips"]
     if args.depth_weight > 0:
-        logs["depth"] = depth_loss(rec["depth"].float(), depth)
+        logs["depth"] = depth_loss(rec["depth"].float(), depth, args.depth_metric)
         loss = loss + args.depth_weight * logs["depth"]
     # 3. Novel views around P0: no photo exists there, so only the discriminator can
     #    say whether the scene looks right (colour and depth) from the side.
@@ -995,8 +1060,8 @@ def train(args):
     torch.manual_seed(args.seed + rank())             # each rank its own poses and noise
     step = 0
     if args.resume:
-        step = resume_from(ckpt_path, CKPT_KIND, config, args.seed, model=model, disc=disc,
-                           opt=opt, opt_d=opt_d)
+        step = resume_from(ckpt_path, CKPT_KIND, config, args.seed, upgrade=full_config,
+                           model=model, disc=disc, opt=opt, opt_d=opt_d)
     if args.compile:                                  # CUDA: Triton; CPU: inductor's C++
         model.encoder.compile()                       # in place: state_dict keys unchanged
         model.decoder.compile()

@@ -126,6 +126,14 @@ def pearson(a, b):
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
 
 
+def relief(pred, true):
+    """Least-squares slope of predicted on true depth per image of (B, ...) tensors: 1 when the
+    scene has its true depth relief, 0.5 when it is squeezed to half as deep. Pearson cannot
+    tell these apart, and a novel view turned about the pivot moves a point by its depth."""
+    a, b = true.flatten(1) - true.flatten(1).mean(1, keepdim=True), pred.flatten(1)
+    return (a * b).sum(1) / a.square().sum(1).clamp_min(1e-12)
+
+
 def load_view(stem, res):
     """A held-out novel view's true image (1, 3, res, res) in [-1, 1] and z-depth (1, 1, res,
     res), resized like data.py resizes photos (bicubic) and depth maps (nearest)."""
@@ -138,10 +146,12 @@ def load_view(stem, res):
 def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, save=None, keep=False):
     """Score novel-view synthesis on ROOT/_heldout (made by `scenes.py --heldout`).
 
-    For every held-out scene and view: PSNR of the model's render, of the input copied as is,
+    For every held-out scene: PSNR of the reconstruction at P0 (the ceiling of the novel
+    views). For every held-out view: PSNR of the model's render, of the input copied as is,
     and of the input forward-warped by its true depth, against the true render; at |yaw| =
     yaw_only (pitch 0) also split into the pixels the input saw and the disoccluded ones
-    (seen_by_input); and the Pearson correlation of the model's P0 depth with the true depth.
+    (seen_by_input); the Pearson correlation of the model's P0 depth with the true depth, and
+    the slope of one on the other (relief: 1 = as deep as the true scene).
     Returns a dict of means; with keep=True also the images at P0 and at yaw +-yaw_only
     (key "images": input, recon, true, model, warp, copy; (N, 3, H, W) each) for the metric.
     """
@@ -156,7 +166,7 @@ def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, save=None, keep=
               f"{meta['radius']}; the model uses fov {c['fov_deg']}, radius {c['radius']}")
     ds = data_mod.ImageFolder(held, c["res"], depth=True, labels=False, verbose=False)
     n = min(len(ds), max_scenes or len(ds))
-    rows, corr, grid = {}, [], []
+    rows, corr, slopes, grid = {}, [], [], []
     images = {k: [] for k in ("input", "recon", "true", "model", "warp", "copy")}
     add = lambda key, x: rows.setdefault(key, []).append(x)
     for i in tqdm(range(n), desc="evaluating", leave=False):
@@ -164,10 +174,12 @@ def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, save=None, keep=
         image, depth = item["image"][None], item["depth"][None]              # (1, 3, H, W) ...
         planes = model.decode(model.encode(image, depth))
         p0 = model.render(planes, model.P0(1))
-        corr.append(pearson(p0["depth"], F.interpolate(depth, size=p0["depth"].shape[-2:],
-                                                       mode="nearest")))
+        true_depth = F.interpolate(depth, size=p0["depth"].shape[-2:], mode="nearest")
+        corr.append(pearson(p0["depth"], true_depth))
+        slopes.append(relief(p0["depth"], true_depth))
         images["input"].append(image)
         images["recon"].append(p0["image"].clamp(-1, 1))
+        add("psnr_recon", psnr(images["recon"][-1], image).item())         # P0: the ceiling
         name = os.path.splitext(os.path.basename(ds.files[i]))[0]
         for v in meta["views"]:
             yaw, pitch = v["yaw_deg"], v["pitch_deg"]
@@ -194,6 +206,7 @@ def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, save=None, keep=
     # Means over the images that have such pixels (a view may have no disoccluded pixel).
     result = {k: float(np.nanmean(v)) for k, v in rows.items()}
     result["depth_pearson"] = torch.cat(corr).mean().item()
+    result["depth_relief"] = torch.cat(slopes).mean().item()
     result["scenes"] = n
     if save and grid:
         ae.save_image(torch.cat(grid, -2), save)

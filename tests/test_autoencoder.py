@@ -66,6 +66,49 @@ def test_centre_plane_layout_fills_the_outer_ring_from_the_border():
     assert not torch.equal(planes[..., 0, 8:24], planes[..., 1, 8:24])
 
 
+def test_axis_grids_put_each_plane_in_its_own_layout():
+    # Change one image column j of the token grid (rows y, columns x). The xy grid may change
+    # only in column j, the xz grid (height z, width x) only at width j; the yz grid (height z,
+    # width y) pools rows, so all of it may change. Change one row i instead: the xy grid
+    # changes only in row i, the yz grid only at width i (y runs along its width, not down
+    # its height), and all of the xz grid.
+    args = ae.get_args(["--preset", "tiny", "--fov-deg", "40", "--radius", "2.7",
+                        "--plane-decode", "axis"])
+    dec = ae.AutoEncoder(ae.model_config(args)).decoder
+    x = torch.randn(1, 96, 8, 8)
+    base = dec.axis_grids(x)                                                # (1, 3, D, 8, 8)
+    for axis, k in ((3, 5), (2, 2)):                                        # column 5, row 2
+        y = x.clone()
+        y.select(axis, k).add_(1.0)
+        changed = (dec.axis_grids(y) - base).abs().amax(2)[0] > 1e-6      # (3, 8, 8)
+        along = torch.zeros(8, 8, dtype=torch.bool)
+        if axis == 3:                                                       # a column (x = 5)
+            along[:, 5] = True
+            assert torch.equal(changed[0], along) and torch.equal(changed[1], along)
+            assert changed[2].all()
+        else:                                                               # a row (y = 2)
+            assert torch.equal(changed[0], along.index_fill(0, torch.tensor([2]), True))
+            assert torch.equal(changed[2], along.index_fill(1, torch.tensor([2]), True))
+            assert changed[1].all()
+    planes = ae.AutoEncoder(ae.model_config(args)).decode(torch.randn(2, 4, 8, 8))
+    assert planes.shape == (2, 3, 16, 32, 32)
+
+
+def test_field_layers_and_older_checkpoints_default_to_one_hidden_layer():
+    args = ae.get_args(["--preset", "tiny", "--fov-deg", "40", "--radius", "2.7"])
+    config = ae.model_config(args)
+    assert config["field_layers"] == 1 and config["plane_decode"] == "grid"
+    old = {k: v for k, v in config.items() if k not in ("field_layers", "plane_decode")}
+    a, b = ae.AutoEncoder(config), ae.AutoEncoder(old)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    deep = ae.AutoEncoder(dict(config, field_layers=3)).field
+    assert sum(isinstance(m, torch.nn.Linear) for m in deep.hidden) == 3
+    sigma, feats = deep(torch.randn(2, 5, 16))
+    assert sigma.shape == (2, 5, 1) and feats.shape == (2, 5, 16) and (sigma >= 0).all()
+    with pytest.raises(UserError, match="--field-layers must be positive"):
+        ae.check_args(ae.get_args(["--preset", "tiny", "--field-layers", "0"]))
+
+
 def test_learning_rate_falls_from_lr_to_a_tenth():
     args = ae.get_args(["--preset", "tiny", "--lr", "1e-3", "--steps", "100",
                         "--lr-decay", "cosine"])
@@ -108,6 +151,15 @@ def test_depth_loss_pushes_an_inverted_depth_map_back():
     grad, = torch.autograd.grad(loss, inverted)
     assert grad.abs().sum() > 0
     assert ae.depth_loss(inverted.detach() - 0.5 * grad / grad.norm(), depth) < loss
+
+
+def test_metric_depth_loss_rejects_the_wrong_relief_that_the_invariant_one_accepts():
+    true = 2 + 2 * torch.rand(2, 1, 8, 8)
+    half = 1 / (0.5 / true + 0.5 / true.mean())           # half the disparity relief
+    assert ae.depth_loss(half, true) < 1e-5                # affine in disparity: fits exactly
+    assert ae.depth_loss(true, true, metric=True) < 1e-5
+    assert ae.depth_loss(half, true, metric=True) > 0.3    # |0.5 z| with z standardised: ~0.4
+    assert ae.depth_loss(true * 1.2, true, metric=True) > 0.1   # and the absolute scale too
 
 
 def test_depth_loss_is_scale_invariant_and_rejects_flat():
@@ -218,6 +270,25 @@ def _ddp_worker(rank, world, port, scenes, out):
     run = ae.train(micro_args(scenes, out, "--steps", "3", "--adv-start", "1", "--every", "3",
                               "--device", "cpu"))
     torch.save(run["model"].state_dict(), os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_a_checkpoint_from_before_the_newer_model_flags_loads_and_resumes(scenes, tmp_path):
+    # Checkpoints written before --plane-decode and --field-layers existed lack those config
+    # keys; they were trained with what are now the defaults, so they must load and resume.
+    out = tmp_path / "old"
+    ae.train(micro_args(scenes, out, "--steps", "1", "--every", "1", "--adv-weight", "0"))
+    path = out / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    for key in ("plane_decode", "field_layers"):
+        del ckpt["config"][key]
+    torch.save(ckpt, path)
+    assert ae.load(str(path)).config["field_layers"] == 1
+    ae.train(micro_args(scenes, out, "--steps", "2", "--every", "1", "--adv-weight", "0",
+                        "--resume"))
+    assert torch.load(path, weights_only=True)["step"] == 2
+    with pytest.raises(UserError, match="another model configuration"):     # but not as axis
+        ae.train(micro_args(scenes, out, "--steps", "3", "--every", "1", "--adv-weight", "0",
+                            "--resume", "--plane-decode", "axis"))
 
 
 def test_ddp_two_processes_keep_identical_weights(scenes, tmp_path):

@@ -86,7 +86,7 @@ def test_evaluate_views_reports_model_and_baselines(scenes, tmp_path):
     model = ae.load(str(tmp_path / "ckpt.pt"))
     r = E.evaluate_views(model, scenes, save=str(tmp_path / "views.png"), keep=True)
     assert r["scenes"] == 2 and os.path.isfile(tmp_path / "views.png")
-    assert 3 < r["psnr_model"] < 40 and -1 <= r["depth_pearson"] <= 1
+    assert 3 < r["psnr_model"] < 40 and 3 < r["psnr_recon"] < 40 and -1 <= r["depth_pearson"] <= 1
     assert r["psnr_warp"] > r["psnr_copy"]               # the depth warp beats a plain copy
     # The warp is exact where the input saw the scene, and loses where it did not.
     assert r["psnr_warp_yaw20_seen"] > r["psnr_warp_yaw20_unseen"]
@@ -99,6 +99,16 @@ def test_evaluate_views_reports_model_and_baselines(scenes, tmp_path):
     for key in ("psnr_{}", "psnr_{}_yaw20", "psnr_{}_yaw20_seen", "psnr_{}_yaw20_unseen"):
         assert r[key.format("model")] == pytest.approx(r[key.format("copy")], abs=1e-6)
     assert r["depth_pearson"] == pytest.approx(1.0, abs=1e-5)
+    assert r["psnr_recon"] == pytest.approx(100.0)        # its P0 reconstruction is exact
+    assert r["depth_relief"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_relief_is_the_depth_scale_pearson_cannot_see():
+    true = 2 + torch.rand(3, 1, 8, 8)
+    half = 3.0 + 0.5 * (true - 3.0)                      # the same scene, half as deep
+    assert E.pearson(half, true) == pytest.approx(torch.ones(3), abs=1e-5)
+    assert E.relief(half, true) == pytest.approx(torch.full((3,), 0.5), abs=1e-5)
+    assert E.relief(true + 1, true) == pytest.approx(torch.ones(3), abs=1e-5)
 
 
 # --- distances ------------------------------------------------------------------------------
