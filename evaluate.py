@@ -143,14 +143,15 @@ def load_view(stem, res):
 
 
 @torch.no_grad()
-def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, save=None, keep=False):
+def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, pitch_only=10.0, save=None,
+                   keep=False):
     """Score novel-view synthesis on ROOT/_heldout (made by `scenes.py --heldout`).
 
     For every held-out scene: PSNR of the reconstruction at P0 (the ceiling of the novel
     views). For every held-out view: PSNR of the model's render, of the input copied as is,
     and of the input forward-warped by its true depth, against the true render; at |yaw| =
     yaw_only (pitch 0) also split into the pixels the input saw and the disoccluded ones
-    (seen_by_input); the Pearson correlation of the model's P0 depth with the true depth, and
+    (seen_by_input), and at |pitch| = pitch_only (yaw 0) on its own; the Pearson correlation of the model's P0 depth with the true depth, and
     the slope of one on the other (relief: 1 = as deep as the true scene).
     Returns a dict of means; with keep=True also the images at P0 and at yaw +-yaw_only
     (key "images": input, recon, true, model, warp, copy; (N, 3, H, W) each) for the metric.
@@ -189,10 +190,13 @@ def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, save=None, keep=
             pred = model.render(planes, cam)["image"].clamp(-1, 1)
             warp = forward_warp(image, depth, cam, c["fov_deg"], c["radius"])
             the_yaw = abs(abs(yaw) - yaw_only) < 1e-6 and pitch == 0
+            the_pitch = abs(abs(pitch) - pitch_only) < 1e-6 and yaw == 0
             seen = seen_by_input(gt_depth, cam, depth, c["fov_deg"], c["radius"])
             for key, img in (("model", pred), ("copy", image), ("warp", warp)):
                 score = psnr(img, gt).item()
                 add(f"psnr_{key}", score)
+                if the_pitch:
+                    add(f"psnr_{key}_pitch{pitch_only:g}", score)
                 if the_yaw:
                     add(f"psnr_{key}_yaw{yaw_only:g}", score)
                     add(f"psnr_{key}_yaw{yaw_only:g}_seen", psnr(img, gt, seen).item())

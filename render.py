@@ -72,7 +72,6 @@ def get_rays(cam2world, fov_deg, res):
     space is ((u - c) / f, (v - c) / f, 1), c = res / 2, which we rotate into the world and
     normalise. Rays are ordered row-major, so `.view(B, res, res, 3)` gives the image layout.
     """
-    B = cam2world.shape[0]
     f = focal_length(fov_deg, res)
     pix = (torch.arange(res, dtype=torch.float32, device=cam2world.device) + 0.5 - 0.5 * res) / f
     v, u = torch.meshgrid(pix, pix, indexing="ij")                          # (H, W) each

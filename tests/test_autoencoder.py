@@ -26,7 +26,7 @@ MICRO = ["--preset", "tiny", "--res", "16", "--render-res", "16", "--z-res", "4"
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     root = tmp_path_factory.mktemp("scenes")
-    scenes_mod.make_scenes(str(root), 4, res=16, heldout=2, views="-20:0,20:0", aa=1,
+    scenes_mod.make_scenes(str(root), 4, res=16, heldout=2, views="-20:0,20:0,0:-10", aa=1,
                            verbose=False)
     return str(root)
 
@@ -215,10 +215,9 @@ def test_overfitting_one_batch_lowers_reconstruction(tmp_path):
     scenes_mod.make_scenes(str(root), 2, res=16, aa=1, verbose=False)
     args = micro_args(str(root), tmp_path / "run", "--steps", "300", "--adv-weight", "0",
                       "--every", "1000", "--lr", "3e-3", "--plane-res", "16", "--log-every", "1",
-                      # Seeds 0 and 3 sit on a plateau of the depth loss for 400+ of these
-                      # steps (rendered disparity anti-correlated with the target: the aligned
-                      # scale clamps to 0 and the depth gradient vanishes); seeds 1, 2, 4, 5 do
-                      # not. This test is about learning at all, so it uses one that does not.
+                      # Any seed learns here (seeds 0, 1, 3: RGB loss 2.9-3.3x lower, depth
+                      # 4.3-5.5x); before align_scale_shift kept the scale positive, |cov|/var,
+                      # seeds 0 and 3 sat on a plateau of the depth loss with the scale at 0.
                       "--seed", "1")
     hist = ae.train(args)["history"]
     first = sum(h["rgb"] for h in hist[:5]) / 5

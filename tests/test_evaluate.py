@@ -96,7 +96,8 @@ def test_evaluate_views_reports_model_and_baselines(scenes, tmp_path):
     # the copy baseline, on all views and at yaw +-20, and its true depth correlates perfectly.
     c = CopyModel(model.config)
     r = E.evaluate_views(c, scenes)
-    for key in ("psnr_{}", "psnr_{}_yaw20", "psnr_{}_yaw20_seen", "psnr_{}_yaw20_unseen"):
+    for key in ("psnr_{}", "psnr_{}_yaw20", "psnr_{}_yaw20_seen", "psnr_{}_yaw20_unseen",
+                "psnr_{}_pitch10"):
         assert r[key.format("model")] == pytest.approx(r[key.format("copy")], abs=1e-6)
     assert r["depth_pearson"] == pytest.approx(1.0, abs=1e-5)
     assert r["psnr_recon"] == pytest.approx(100.0)        # its P0 reconstruction is exact
