@@ -151,8 +151,9 @@ def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, pitch_only=10.0,
     views). For every held-out view: PSNR of the model's render, of the input copied as is,
     and of the input forward-warped by its true depth, against the true render; at |yaw| =
     yaw_only (pitch 0) also split into the pixels the input saw and the disoccluded ones
-    (seen_by_input), and at |pitch| = pitch_only (yaw 0) on its own; the Pearson correlation of the model's P0 depth with the true depth, and
-    the slope of one on the other (relief: 1 = as deep as the true scene).
+    (seen_by_input), and at |pitch| = pitch_only (yaw 0) on its own; the Pearson correlation
+    of the model's P0 depth with the true depth, and the slope of one on the other (relief: 1 =
+    as deep as the true scene).
     Returns a dict of means; with keep=True also the images at P0 and at yaw +-yaw_only
     (key "images": input, recon, true, model, warp, copy; (N, 3, H, W) each) for the metric.
     """
