@@ -317,12 +317,18 @@ def full_config(config):
     return {**ADDED_LATER, **config}
 
 
+def disparity_stats(depth):
+    """Depth (B, 1, H, W) -> its inverse, the disparity (B, 1, H, W), and that disparity's
+    per-image mean and standard deviation (B, 1, 1, 1)."""
+    disp = 1.0 / depth.clamp_min(1e-3)
+    mean = disp.mean((1, 2, 3), keepdim=True)
+    return disp, mean, disp.std((1, 2, 3), keepdim=True).clamp_min(1e-6)
+
+
 def normalize_depth(depth):
     """Per-image standardised inverse depth (B, 1, H, W): bounded, so a far background does not
     dominate, and blind to the unknown scale and shift of monocular estimates."""
-    disp = 1.0 / depth.clamp_min(1e-3)
-    mean = disp.mean((1, 2, 3), keepdim=True)
-    std = disp.std((1, 2, 3), keepdim=True).clamp_min(1e-6)
+    disp, mean, std = disparity_stats(depth)
     return (disp - mean) / std
 
 
@@ -438,13 +444,13 @@ def depth_loss(rendered, mono, metric=False):
     """
     # Nearest, as in data.py: averaging would invent depths across occlusion edges.
     mono = F.interpolate(mono, size=rendered.shape[-2:], mode="nearest")
-    target = normalize_depth(mono).flatten(1)                               # (B, N)
+    disp, mean, std = disparity_stats(mono)
+    target = ((disp - mean) / std).flatten(1)                               # (B, N)
     # Rendered z-depth -> disparity (clamped: a ray that hits nothing near can report ~0).
     pred = 1.0 / rendered.clamp_min(1e-2).flatten(1)
     if metric:
-        disp = 1.0 / mono.clamp_min(1e-3).flatten(1)                        # as normalize_depth
-        s = 1.0 / disp.std(1, keepdim=True).clamp_min(1e-6)
-        b = -disp.mean(1, keepdim=True) * s
+        s = 1.0 / std.flatten(1)                                            # (B, 1)
+        b = -mean.flatten(1) * s
     else:
         s, b = align_scale_shift(pred, target)
     return (s * pred + b - target).abs().mean()
