@@ -368,9 +368,10 @@ class Discriminator(nn.Module):
     autoencoder towards real 3D shape (paper Sec. 3.1).
     """
 
-    def __init__(self, res, ch=32, max_ch=256, depth=True):
+    def __init__(self, res, ch=32, max_ch=256, depth=True, augment=False):
         super().__init__()
         self.in_ch = 4 if depth else 3
+        self.augment = augment                        # --disc-augment: see diff_augment
         layers, c = [nn.Conv2d(self.in_ch, ch, 3, padding=1)], ch
         # Each stage: a 3x3 conv, then a strided 4x4 conv that halves the resolution and (up to
         # max_ch) doubles the width, until 4x4 is left; a linear layer then gives one logit.
@@ -399,7 +400,33 @@ class Discriminator(nn.Module):
         return torch.cat([image, normalize_depth(depth)], 1)
 
     def forward(self, x):
+        if self.augment:                  # inside D: real, fake, G's step and R1 all see it
+            x = diff_augment(x)
         return self.head(self.body(x).flatten(1)).squeeze(1)                # (B,) logits
+
+
+def diff_augment(x, shift=1 / 8, cut=1 / 2):
+    """Differentiable augmentation (DiffAugment, Zhao et al. 2020: translation + cutout) of the
+    discriminator's input x (B, C, H, W), fresh for every image: shift it by up to `shift` of
+    its size (zero padding), then zero a random square `cut` of its size wide. Colour and depth
+    channels move together, so the pair stays aligned. Applied to reals and fakes alike, D
+    cannot memorise the few thousand training photos and must judge what survives the
+    augmentation; the generator learns through it (both are index gathers and masks) and is
+    never asked to produce shifted or cut images."""
+    B, C, H, W = x.shape
+    dev = x.device
+    s = max(1, round(shift * H))
+    dy, dx = torch.randint(-s, s + 1, (2, B, 1, 1), device=dev)
+    ys, xs = torch.arange(H, device=dev).view(1, H, 1), torch.arange(W, device=dev).view(1, 1, W)
+    rows, cols = ys - dy, xs - dx                  # the source pixel of each output pixel
+    inside = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)             # (B, H, W)
+    b = torch.arange(B, device=dev).view(B, 1, 1)
+    out = x.permute(0, 2, 3, 1)[b, rows.clamp(0, H - 1), cols.clamp(0, W - 1)]  # (B, H, W, C)
+    cy, cx = torch.randint(0, H, (B, 1, 1), device=dev), torch.randint(0, W, (B, 1, 1), device=dev)
+    half = max(1, round(cut * H / 2))
+    cut_out = (ys - cy >= -half) & (ys - cy < half) & (xs - cx >= -half) & (xs - cx < half)
+    kept = ~cut_out                                # the square: 2 * half pixels wide
+    return (out * (inside & kept).unsqueeze(-1)).permute(0, 3, 1, 2)        # (B, C, H, W)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,6 +575,14 @@ PRESETS = {
                  dec_heads=4, plane_ch=16, plane_res=32, hidden=32, feat_ch=16, up_ch=32,
                  n_coarse=16, n_fine=16, batch=8, lr=1e-3, steps=3000, disc_ch=16,
                  n_scenes=1000, every=500, adv_weight=0.0),
+    # 64 px on a laptop CPU (README): the volume renderer stays at tiny's 32 px and the
+    # upsampler doubles it (the paper's low-res render + super-resolution, at small scale);
+    # z 8x8x8, so the diffusion model runs on an 8x8 grid like tiny's. The two convolution
+    # stacks that run at 64 px are half tiny's width: a step costs 1.3x tiny's, not 2x.
+    "small": dict(res=64, render_res=32, z_res=8, z_ch=8, enc_ch=16, dec_dim=128, dec_depth=2,
+                  dec_heads=4, plane_ch=16, plane_res=32, hidden=32, feat_ch=16, up_ch=16,
+                  n_coarse=16, n_fine=16, batch=8, lr=1e-3, steps=3000, disc_ch=16,
+                  n_scenes=1000, every=500, adv_weight=0.0),
 }
 MODEL_KEYS = ("res", "render_res", "z_res", "z_ch", "enc_ch", "dec_dim", "dec_depth",
               "dec_heads", "plane_ch", "plane_res", "hidden", "feat_ch", "up_ch", "n_coarse",
@@ -592,6 +627,8 @@ def get_args(argv=None):
     a("--kl-weight", type=float, default=1e-5, help="KL weight (summed over the latent)")
     a("--lpips-weight", type=float, default=0.0, help="LPIPS weight (needs `pip install lpips`)")
     a("--r1-gamma", type=float, default=1.0, help="R1 penalty on real images")
+    a("--disc-augment", action="store_true", help="the discriminator sees real and fake "
+      "through the same random translation + cutout (DiffAugment)")
     a("--yaw-range", type=float, default=None, help="novel views: yaw in +-this, degrees "
       "(default: synthetic scenes' own room-yaw spread, else 30)")
     a("--pitch-range", type=float, default=None, help="novel views: pitch in +-this, degrees "
@@ -925,7 +962,8 @@ def build(args, device, disc_depth=True):
     freshly initialised from --seed: every rank builds the same weights, and so can a test."""
     torch.manual_seed(args.seed)
     model = AutoEncoder(model_config(args)).to(device)
-    disc = Discriminator(args.res, args.disc_ch, depth=disc_depth).to(device)
+    disc = Discriminator(args.res, args.disc_ch, depth=disc_depth,
+                         augment=args.disc_augment).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     # Adam with beta1 = 0 for GANs (StyleGAN2): momentum makes the two-player game oscillate.
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.0, 0.99))

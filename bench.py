@@ -353,7 +353,7 @@ def bench_budget(device, args):
     import autoencoder as ae
     import diffusion
     rows = []
-    for preset in ("tiny", "base"):
+    for preset in ("tiny", "small", "base"):
         a = ae.get_args(["--preset", preset])
         ae.set_camera(a, None)                        # the defaults for photos
         a.adv_weight = max(a.adv_weight, 0.05)        # the full step: novel view + D
@@ -389,7 +389,7 @@ def bench_budget(device, args):
         r.update(est_h100_images_per_s=ips, est_h100_hours=r["steps"] * r["batch"] / ips / 3600,
                  **{f"est_max_batch_{g}gb": max(0, int((0.9 * g - fixed_gb) / per_gb))
                     for g in (24, 40, 80)})
-        print(f"  {r['stage']:11s} {r['preset']:4s} {r['params_m']:6.2f} M params, "
+        print(f"  {r['stage']:11s} {r['preset']:5s} {r['params_m']:6.2f} M params, "
               f"{r['flops_per_image'] / 1e9:8.2f} GFLOP/image (fwd+bwd), activations "
               f"{r['act_mb_per_image']:7.1f} MB/image | estimate, H100 at MFU {ASSUMED_MFU}: "
               f"{ips:7.0f} images/s, {r['est_h100_hours']:6.2f} h for {r['steps']} steps x "
@@ -415,7 +415,7 @@ def main():
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--ae-preset", default="base", choices=["base", "tiny"],
+    p.add_argument("--ae-preset", default="base", choices=["base", "small", "tiny"],
                    help="autoencoder size for the ae-step and e2e cases")
     p.add_argument("--batch", type=int, default=0,
                    help="ae-step batch (0: the preset's; base's 16 needs > 23 GB on a CPU)")

@@ -580,6 +580,10 @@ PRESETS = {
     # A laptop CPU: 5-20 min on 2 cores (README), z 4x8x8 (the tiny autoencoder).
     "tiny": dict(ch=32, ch_mult="1,2", num_res=1, attn_res="4", heads=2, dropout=0.0,
                  batch=64, lr=5e-4, steps=8000, ema=0.999, every=2000),
+    # z 8x8x8 (the small autoencoder, 64 px): tiny's UNet; only its first and last
+    # convolutions see the 8 latent channels instead of 4.
+    "small": dict(ch=32, ch_mult="1,2", num_res=1, attn_res="4", heads=2, dropout=0.0,
+                  batch=64, lr=5e-4, steps=8000, ema=0.999, every=2000),
 }
 MODEL_KEYS = ("ch", "ch_mult", "num_res", "attn_res", "heads", "dropout")
 

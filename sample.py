@@ -631,7 +631,7 @@ def estimate_demo(ae_args, ldm_args, args, data_root):
     per = seconds_per_call(lambda: ae.autoencoder_step(model, disc, opt, [(image, depth)], warm,
                                                        warm.adv_weight > 0, None, plain))
     left = ae_args.steps - steps_done(os.path.join(ae_args.out, "ckpt.pt"))
-    est["autoencoder"] = (per * left, f"train the tiny autoencoder: {left} steps x "
+    est["autoencoder"] = (per * left, f"train the {args.preset} autoencoder: {left} steps x "
                                       f"{per * 1e3:.0f} ms")
     # 2. diffusion steps on random latents of the autoencoder's latent shape
     shape = (warm.z_ch, warm.z_res, warm.z_res)
@@ -642,8 +642,8 @@ def estimate_demo(ae_args, ldm_args, args, data_root):
     per = seconds_per_call(lambda: diffusion.train_step(ldm, ema, opt, [(x0, None)], 0,
                                                         ldm_args, plain))
     left = ldm_args.steps - steps_done(os.path.join(ldm_args.out, "ckpt.pt"))
-    est["diffusion"] = (per * left, f"encode the scenes, train the tiny diffusion model: "
-                                    f"{left} steps x {per * 1e3:.0f} ms")
+    est["diffusion"] = (per * left, f"encode the scenes, train the {args.preset} diffusion "
+                                    f"model: {left} steps x {per * 1e3:.0f} ms")
     # 3. sampling: count the UNet evaluations (batches of <= 16) and the rendered frames
     ldm.eval()
     t = torch.full((16,), 500, device=device)
@@ -665,18 +665,20 @@ def estimate_demo(ae_args, ldm_args, args, data_root):
 
 
 def demo(args):
-    """The whole pipeline on the synthetic scenes with the tiny presets: train (or reuse) the
-    autoencoder and the diffusion model under runs/demo/, then sample everything, write the
-    viewer, and end with a summary of files, metrics and times."""
+    """The whole pipeline on the synthetic scenes with the --preset's models (tiny: 32 px,
+    small: 64 px): train (or reuse) the autoencoder and the diffusion model under runs/demo/
+    (runs/demo-small/), then sample everything, write the viewer, and end with a summary of
+    files, metrics and times."""
     threads = ["--threads", str(args.threads)] if args.threads else []
-    ae_dir, ldm_dir = os.path.join("runs", "demo", "ae"), os.path.join("runs", "demo", "ldm")
+    run = os.path.join("runs", "demo" if args.preset == "tiny" else f"demo-{args.preset}")
+    ae_dir, ldm_dir = os.path.join(run, "ae"), os.path.join(run, "ldm")
     ae_path, ldm_path = os.path.join(ae_dir, "ckpt.pt"), os.path.join(ldm_dir, "ckpt.pt")
     args.n = args.n or 8
-    args.out = args.out or os.path.join("runs", "demo", "samples")
+    args.out = args.out or os.path.join(run, "samples")
     # Each stage resumes from its checkpoint when one exists, so a second --demo only samples.
-    ae_args = ae.get_args(["--preset", "tiny", "--out", ae_dir, *threads] +
+    ae_args = ae.get_args(["--preset", args.preset, "--out", ae_dir, *threads] +
                           (["--resume"] if os.path.isfile(ae_path) else []))
-    ldm_args = diffusion.get_args(["--preset", "tiny", "--ae", ae_path, "--out", ldm_dir,
+    ldm_args = diffusion.get_args(["--preset", args.preset, "--ae", ae_path, "--out", ldm_dir,
                                    *threads] + (["--resume"] if os.path.isfile(ldm_path) else []))
     data_root = ae.default_data_root(ae_args.res)
 
@@ -696,13 +698,13 @@ def demo(args):
         print(f"== scenes: rendering into {data_root} (python scenes.py) ==")
         ae.default_data(ae_args)                 # the same call autoencoder.py makes itself
         took["scenes"] = time.time() - t0
-    print(f"== stage 1: the 3D-aware autoencoder (python autoencoder.py --preset tiny "
+    print(f"== stage 1: the 3D-aware autoencoder (python autoencoder.py --preset {args.preset} "
           f"--out {ae_dir}) ==")
     t0 = time.time()
     ae.train(ae_args)
     took["autoencoder"] = time.time() - t0
-    print(f"== stage 2: latent diffusion (python diffusion.py --preset tiny --ae {ae_path} "
-          f"--out {ldm_dir}) ==")
+    print(f"== stage 2: latent diffusion (python diffusion.py --preset {args.preset} "
+          f"--ae {ae_path} --out {ldm_dir}) ==")
     t0 = time.time()
     diffusion.train(ldm_args)
     took["diffusion"] = time.time() - t0
@@ -767,7 +769,9 @@ def get_args(argv=None):
                                 "its applications.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--demo", action="store_true", help="train tiny models on synthetic scenes, then sample")
+    a("--demo", action="store_true", help="train small models on synthetic scenes, then sample")
+    a("--preset", default="tiny", choices=["tiny", "small"], help="--demo's models: tiny (32 "
+      "px) or small (64 px)")
     a("--ae", help="autoencoder checkpoint (stage 1)")
     a("--ldm", help="diffusion checkpoint (stage 2)")
     a("--out", default=None, help="output folder (default samples/)")

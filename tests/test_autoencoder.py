@@ -35,7 +35,7 @@ def micro_args(scenes, out, *extra):
     return ae.get_args(MICRO + ["--data", scenes, "--out", str(out), *extra])
 
 
-def test_shapes_and_dtypes_of_the_tiny_preset():
+def test_shapes_and_dtypes_of_the_tiny_and_small_presets():
     args = ae.get_args(["--preset", "tiny", "--fov-deg", "40", "--radius", "2.7"])
     model = ae.AutoEncoder(ae.model_config(args)).eval()
     image = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -49,6 +49,14 @@ def test_shapes_and_dtypes_of_the_tiny_preset():
     assert model.render(planes, model.P0(2), res=16)["image"].shape == (2, 3, 16, 16)
     base = ae.AutoEncoder(ae.model_config(ae.get_args(["--fov-deg", "40", "--radius", "2.7"])))
     assert base.upsampler.factor == 4 and base.config["plane_res"] == 128
+    # small: 64 px out of a 32 px volume render, and an 8-channel latent on tiny's 8x8 grid
+    small = ae.AutoEncoder(ae.model_config(ae.get_args(["--preset", "small", "--fov-deg", "40",
+                                                        "--radius", "2.7"]))).eval()
+    z = small.encode(torch.rand(2, 3, 64, 64) * 2 - 1)
+    assert z.shape == (2, 8, 8, 8)
+    out = small.render(small.decode(z), small.P0(2))
+    assert out["image"].shape == (2, 3, 64, 64) and out["raw"].shape == (2, 3, 32, 32)
+    assert out["depth"].shape == (2, 1, 32, 32) and small.upsampler.factor == 2
 
 
 def test_centre_plane_layout_fills_the_outer_ring_from_the_border():
@@ -118,6 +126,34 @@ def test_learning_rate_falls_from_lr_to_a_tenth():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
     flat = ae.get_args(["--preset", "tiny", "--lr", "1e-3", "--lr-decay", "none"])
     assert ae.lr_at(1000, flat) == 1e-3
+
+
+def test_diff_augment_shifts_and_cuts_colour_and_depth_together_and_passes_gradients():
+    torch.manual_seed(0)
+    B, H = 16, 32
+    v = torch.arange(B * H * H, dtype=torch.float32).view(B, 1, H, H) + 1       # unique, > 0
+    x = torch.cat([v, -v], 1).requires_grad_()          # "colour" and "depth" channels
+    out = ae.diff_augment(x)
+    assert out.shape == x.shape and torch.equal(out[:, 1], -out[:, 0])
+    shifts = set()
+    for i in range(B):
+        ys, xs = torch.nonzero(out[i, 0], as_tuple=True)
+        src = out[i, 0, ys, xs].long() - 1 - i * H * H                   # where each came from
+        dy, dx = ys - src // H, xs - src % H
+        assert (dy == dy[0]).all() and (dx == dx[0]).all()               # one rigid shift
+        assert abs(dy[0]) <= 4 and abs(dx[0]) <= 4                       # up to 1/8 of 32 px
+        shifts.add((dy[0].item(), dx[0].item()))
+        zeros = H * H - len(ys)             # the 16 px square (at least its 8 x 8 quarter
+        assert 64 <= zeros <= 16 * 16 + 2 * 4 * H   # inside) plus the border shifted in
+    assert len(shifts) > 4                                               # fresh per image
+    out.sum().backward()                    # each kept pixel's gradient reaches its source
+    assert torch.equal(x.grad.sum(), (out[:, :1] != 0).sum().float() * 2)
+    assert set(x.grad.unique().tolist()) == {0.0, 1.0}
+    d = ae.Discriminator(32, 8, depth=True, augment=True)
+    x = torch.randn(2, 4, 32, 32)
+    assert not torch.equal(d(x), d(x))      # D sees a new augmentation on every call
+    d.augment = False
+    assert torch.equal(d(x), d(x))
 
 
 def test_kl_matches_torch_distributions():

@@ -41,7 +41,8 @@ def test_modes_become_rgb(tmp_path):
     out, *_ = data.load_rgb(str(tmp_path / "l.jpg"), 12)
     assert np.abs(out.astype(int) - 77).max() <= 2 and out.shape == (12, 12, 3)
 
-    pal = Image.fromarray(np.full((12, 12, 3), (10, 200, 30), np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE)
+    pal = Image.fromarray(np.full((12, 12, 3), (10, 200, 30), np.uint8)).convert(
+        "P", palette=Image.Palette.ADAPTIVE)
     pal.save(tmp_path / "p.bmp")
     out, *_ = data.load_rgb(str(tmp_path / "p.bmp"), 12)
     assert np.abs(out.astype(int) - [10, 200, 30]).max() <= 8
