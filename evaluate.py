@@ -547,8 +547,10 @@ def score_views(net, root, model, max_scenes=None, save=None):
 @torch.no_grad()
 def score_samples(net, root, ae_model, ldm, n=256, seed=0, steps=50, yaw=20.0):
     """(a) n samples, rendered at P0 and at yaw +-yaw, against the held-out scenes' real views
-    at the same poses; and the fraction of samples with no object (the metric network's
-    object count, at P0)."""
+    at the same poses; the fraction of samples with no object (the metric network's object
+    count, at P0); and the samples' latent spread: the standard deviation of their latents in
+    the diffusion model's normalised units, where the data's latents have 1 (a sampler that
+    overshoots shows here before anything is decoded)."""
     import diffusion
     import sample
     c = ae_model.config
@@ -574,6 +576,7 @@ def score_samples(net, root, ae_model, ldm, n=256, seed=0, steps=50, yaw=20.0):
     out.update({f"{k}_yaw{yaw:g}": v for k, v in distances(real_side, fake_side).items()})
     out["no_object_fraction"] = (counts == 0).double().mean().item()
     out["no_object_fraction_real"] = (real_counts == 0).double().mean().item()
+    out["latent_spread"] = ldm.normalize(z).std().item()
     return out
 
 

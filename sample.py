@@ -3,7 +3,8 @@ sample.py -- generate 3D scenes with a trained WildFusion, look at them, and run
 applications (Sec. 4): novel views of a photo, 3D-aware interpolation, generative resampling,
 geometry export, and the metrics.
 
-    python sample.py --demo                                    # everything, tiny: 14-49 min, 2 cores
+    python sample.py --demo                   # everything, tiny: 14-49 min on 2 cores (README)
+    python sample.py --demo --preset small    # the same at 64 px; its two stages: 51-53 min
     python sample.py --ae runs/ae/ckpt.pt --ldm runs/ldm/ckpt.pt --n 16 --out samples/
     python sample.py --ae A --ldm L --class dog --cfg 3             # class-conditional + guidance
     python sample.py --ae A --image photo.jpg                      # novel views of one photo
