@@ -770,7 +770,8 @@ def get_args(argv=None):
                                 "its applications.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--demo", action="store_true", help="train small models on synthetic scenes, then sample")
+    a("--demo", action="store_true", help="train --preset's models on synthetic scenes, then "
+      "sample")
     a("--preset", default="tiny", choices=["tiny", "small"], help="--demo's models: tiny (32 "
       "px) or small (64 px)")
     a("--ae", help="autoencoder checkpoint (stage 1)")
