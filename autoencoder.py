@@ -10,7 +10,7 @@ generate z. No camera poses are ever needed: everything lives in view space (REA
 Conventions).
 
     python autoencoder.py --preset tiny                       # 2-core CPU: 8-27 min (README)
-    python autoencoder.py --preset small                      # 64 px, 2-core CPU: 32-34 min
+    python autoencoder.py --preset small                      # 64 px, 2-core CPU: 20-34 min
     python autoencoder.py --data photos/ --out runs/ae        # one GPU, 256 px
     python autoencoder.py --data photos/ --amp bf16 --compile # bf16 + torch.compile, any device
     torchrun --nproc_per_node=4 autoencoder.py --data photos/ # 4 GPUs, data parallel
@@ -360,18 +360,24 @@ def load_checkpoint(path, kind, what):
 # ---------------------------------------------------------------------------------------------
 # 6. Discriminator on (RGB, depth) pairs
 # ---------------------------------------------------------------------------------------------
+DISC_SEES = dict(both="RGB + depth", rgb="RGB only", depth="depth only")   # --disc-sees
+
+
 class Discriminator(nn.Module):
     """A plain convolutional classifier (strided convolutions, no residual connections) on
-    RGB and standardised inverse depth, or on RGB alone when the data has no depth maps.
+    RGB and standardised inverse depth (sees="both"), on RGB alone ("rgb", and always when the
+    data has no depth maps) or on depth alone ("depth"; --disc-sees).
 
     Seeing depth with colour, it can reject a novel view whose geometry is implausible even if
     its colours are fine (a flat billboard turned sideways, say), which is what pushes the
-    autoencoder towards real 3D shape (paper Sec. 3.1).
+    autoencoder towards real 3D shape (paper Sec. 3.1). Seeing depth alone, it can only judge
+    shape, so the generator has no reason to paint colours for it.
     """
 
-    def __init__(self, res, ch=32, max_ch=256, depth=True, augment=False):
+    def __init__(self, res, ch=32, max_ch=256, sees="both", augment=False):
         super().__init__()
-        self.in_ch = 4 if depth else 3
+        self.sees = sees
+        self.in_ch = dict(both=4, rgb=3, depth=1)[sees]
         self.augment = augment                        # --disc-augment: see diff_augment
         layers, c = [nn.Conv2d(self.in_ch, ch, 3, padding=1)], ch
         # Each stage: a 3x3 conv, then a strided 4x4 conv that halves the resolution and (up to
@@ -385,19 +391,21 @@ class Discriminator(nn.Module):
         self.head = nn.Linear(c * res * res, 1)
 
     def inputs(self, image, depth, low):
-        """What the discriminator sees: (B, 4, H, W) = RGB + standardised inverse depth, or
-        (B, 3, H, W) = RGB when it was built without depth. The R1 penalty differentiates with
-        respect to exactly this tensor, so it covers every input channel.
+        """What the discriminator sees: (B, 4, H, W) = RGB + standardised inverse depth,
+        (B, 3, H, W) = RGB or (B, 1, H, W) = depth, as it was built. The R1 penalty
+        differentiates with respect to exactly this tensor, so it covers every input channel.
 
         Rendered depth exists only at the volume renderer's size `low` (64 px at 256 px): real
         and fake depth both go down to `low` and back up by nearest neighbour, so that the
         blocks of an upsampled map cannot by themselves tell a fake from a photo."""
-        if self.in_ch == 3:
+        if self.sees == "rgb":
             return image
         if depth.shape[-1] != low:
             depth = F.interpolate(depth, size=low, mode="nearest")
         if depth.shape[-2:] != image.shape[-2:]:
             depth = F.interpolate(depth, size=image.shape[-2:], mode="nearest")
+        if self.sees == "depth":
+            return normalize_depth(depth)
         return torch.cat([image, normalize_depth(depth)], 1)
 
     def forward(self, x):
@@ -576,10 +584,11 @@ PRESETS = {
                  dec_heads=4, plane_ch=16, plane_res=32, hidden=32, feat_ch=16, up_ch=32,
                  n_coarse=16, n_fine=16, batch=8, lr=1e-3, steps=3000, disc_ch=16,
                  n_scenes=1000, every=500, adv_weight=0.0),
-    # 64 px on a laptop CPU (32-34 min on 2 cores, README): the volume renderer stays at
-    # tiny's 32 px and the upsampler doubles it (the paper's low-res render + super-resolution,
-    # at small scale); z 8x8x8, so the diffusion model runs on an 8x8 grid like tiny's. The two
-    # convolution stacks that run at 64 px are half tiny's width: a step costs 1.4x tiny's.
+    # 64 px on a laptop CPU (20 min alone on 2 cores, 32-34 min two runs at a time; README):
+    # the volume renderer stays at tiny's 32 px and the upsampler doubles it (the paper's
+    # low-res render + super-resolution, at small scale); z 8x8x8, so the diffusion model
+    # runs on an 8x8 grid like tiny's. The two convolution stacks that run at 64 px are half
+    # tiny's width: a step costs 1.4x tiny's.
     "small": dict(res=64, render_res=32, z_res=8, z_ch=8, enc_ch=16, dec_dim=128, dec_depth=2,
                   dec_heads=4, plane_ch=16, plane_res=32, hidden=32, feat_ch=16, up_ch=16,
                   n_coarse=16, n_fine=16, batch=8, lr=1e-3, steps=3000, disc_ch=16,
@@ -628,6 +637,8 @@ def get_args(argv=None):
     a("--kl-weight", type=float, default=1e-5, help="KL weight (summed over the latent)")
     a("--lpips-weight", type=float, default=0.0, help="LPIPS weight (needs `pip install lpips`)")
     a("--r1-gamma", type=float, default=1.0, help="R1 penalty on real images")
+    a("--disc-sees", choices=["both", "rgb", "depth"], default="both", help="what the "
+      "discriminator judges: RGB + depth, RGB alone, depth alone (without depth maps: RGB)")
     a("--disc-augment", action="store_true", help="the discriminator sees real and fake "
       "through the same random translation + cutout (DiffAugment)")
     a("--yaw-range", type=float, default=None, help="novel views: yaw in +-this, degrees "
@@ -887,7 +898,7 @@ def resume_from(path, kind, config, seed, upgrade=dict, **objects):
             obj.load_state_dict(ckpt[name])
         except (KeyError, RuntimeError, ValueError) as e:
             raise UserError(f"{path}: its {name} does not fit this run ({type(e).__name__}; "
-                            f"e.g. depth maps added or removed since); use another --out")
+                            f"e.g. depth maps or --disc-sees changed since); use another --out")
     if len(ckpt["rng"]) == world():
         set_rng_state(ckpt["rng"][rank()])
     else:
@@ -949,21 +960,24 @@ def load_data(args):
     the scenes' scenes.json when the flags leave it open. -> (ImageFolder, root)."""
     root = args.data or default_data(args)
     set_camera(args, scenes.read_scene_meta(root))
-    # Depth maps are needed by the depth loss and the depth input; the discriminator uses them
-    # when they exist (it then judges RGB + depth) and judges RGB alone when they do not.
-    need_depth = args.depth_weight > 0 or args.depth_input
-    without = "--depth-weight 0" + (" and no --depth-input" if args.depth_input else "")
+    # Depth maps are needed by the depth loss, the depth input and a discriminator on depth
+    # alone; by default the discriminator uses them when they exist (it then judges RGB +
+    # depth) and judges RGB alone when they do not.
+    need_depth = args.depth_weight > 0 or args.depth_input or args.disc_sees == "depth"
+    without = ("--depth-weight 0" + (" and no --depth-input" if args.depth_input else "")
+               + (" and --disc-sees rgb" if args.disc_sees == "depth" else ""))
     ds = data_mod.open_folder(root, args.res, depth=True if need_depth else "auto",
                               verbose=is_main(), depth_help=f"or train without depth: {without}")
     return ds, root
 
 
 def build(args, device, disc_depth=True):
-    """The autoencoder, the discriminator (on RGB + depth, or RGB alone) and their optimisers,
-    freshly initialised from --seed: every rank builds the same weights, and so can a test."""
+    """The autoencoder, the discriminator (on --disc-sees; RGB alone when the data has no depth)
+    and their optimisers, freshly initialised from --seed: every rank builds the same weights,
+    and so can a test."""
     torch.manual_seed(args.seed)
     model = AutoEncoder(model_config(args)).to(device)
-    disc = Discriminator(args.res, args.disc_ch, depth=disc_depth,
+    disc = Discriminator(args.res, args.disc_ch, sees=args.disc_sees if disc_depth else "rgb",
                          augment=args.disc_augment).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     # Adam with beta1 = 0 for GANs (StyleGAN2): momentum makes the two-player game oscillate.
@@ -1118,7 +1132,7 @@ def train(args):
         n_d = sum(p.numel() for p in disc.parameters())
         print(f"data: {root}, {len(ds)} images at {args.res} px, depth maps: {ds.use_depth}")
         print(f"autoencoder {n_ae / 1e6:.2f} M parameters, discriminator {n_d / 1e6:.2f} M "
-              f"(sees {'RGB + depth' if ds.use_depth else 'RGB only'}); "
+              f"(sees {DISC_SEES[disc.sees]}); "
               f"z = {args.z_ch}x{args.z_res}x{args.z_res}; {world()} process(es) on {device}; "
               f"batch {args.batch} x {args.accum} accumulated")
         if args.lpips_weight == 0:

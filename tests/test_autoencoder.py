@@ -149,7 +149,7 @@ def test_diff_augment_shifts_and_cuts_colour_and_depth_together_and_passes_gradi
     out.sum().backward()                    # each kept pixel's gradient reaches its source
     assert torch.equal(x.grad.sum(), (out[:, :1] != 0).sum().float() * 2)
     assert set(x.grad.unique().tolist()) == {0.0, 1.0}
-    d = ae.Discriminator(32, 8, depth=True, augment=True)
+    d = ae.Discriminator(32, 8, sees="both", augment=True)
     x = torch.randn(2, 4, 32, 32)
     assert not torch.equal(d(x), d(x))      # D sees a new augmentation on every call
     d.augment = False
@@ -243,7 +243,11 @@ def test_r1_covers_depth_and_is_float32_under_bf16():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, r1_bf = ae.d_loss_fn(disc, real, fake, r1_gamma=1.0)
     assert r1_bf.dtype == torch.float32 and torch.allclose(r1_bf, r1, rtol=1e-5)
-    assert ae.Discriminator(16, 8, depth=False).inputs(image, depth, 16).shape == (2, 3, 16, 16)
+    # --disc-sees rgb / depth: the colour channels alone, or the standardised depth alone.
+    assert torch.equal(ae.Discriminator(16, 8, sees="rgb").inputs(image, depth, 16), image)
+    d_only = ae.Discriminator(16, 8, sees="depth")
+    assert torch.equal(d_only.inputs(image, depth, 16), real[:, 3:])
+    assert d_only(d_only.inputs(image, depth, 16)).shape == (2,)
 
 
 def test_overfitting_one_batch_lowers_reconstruction(tmp_path):
@@ -357,6 +361,11 @@ def test_bad_inputs_are_one_clear_error(scenes, tmp_path):
     run = ae.train(micro_args(str(nodepth), tmp_path / "o", "--depth-weight", "0", "--steps",
                               "1", "--adv-start", "0", "--every", "1"))
     assert run["disc"].in_ch == 3 and "d" in run["history"][0]
+    # A discriminator on depth alone needs depth maps, and says which flag to drop.
+    with pytest.raises(UserError, match="depth maps are required") as e:
+        ae.train(micro_args(str(nodepth), tmp_path / "o", "--depth-weight", "0",
+                            "--disc-sees", "depth"))
+    assert "--disc-sees rgb" in str(e.value)
     with pytest.raises(UserError, match="--every must be positive"):
         ae.train(micro_args(scenes, tmp_path / "o", "--every", "0"))
     fake = tmp_path / "ldm.pt"
