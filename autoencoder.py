@@ -10,7 +10,7 @@ generate z. No camera poses are ever needed: everything lives in view space (REA
 Conventions).
 
     python autoencoder.py --preset tiny                       # 2-core CPU: 8-27 min (README)
-    python autoencoder.py --preset small                      # 64 px, 2-core CPU: 20-34 min
+    python autoencoder.py --preset small                      # 64 px, 2-core CPU: 19.8 min
     python autoencoder.py --data photos/ --out runs/ae        # one GPU, 256 px
     python autoencoder.py --data photos/ --amp bf16 --compile # bf16 + torch.compile, any device
     torchrun --nproc_per_node=4 autoencoder.py --data photos/ # 4 GPUs, data parallel
@@ -360,7 +360,8 @@ def load_checkpoint(path, kind, what):
 # ---------------------------------------------------------------------------------------------
 # 6. Discriminator on (RGB, depth) pairs
 # ---------------------------------------------------------------------------------------------
-DISC_SEES = dict(both="RGB + depth", rgb="RGB only", depth="depth only")   # --disc-sees
+# --disc-sees: what the discriminator judges -> (its input channels, how the log names it)
+DISC_SEES = dict(both=(4, "RGB + depth"), rgb=(3, "RGB only"), depth=(1, "depth only"))
 
 
 class Discriminator(nn.Module):
@@ -377,7 +378,7 @@ class Discriminator(nn.Module):
     def __init__(self, res, ch=32, max_ch=256, sees="both", augment=False):
         super().__init__()
         self.sees = sees
-        self.in_ch = dict(both=4, rgb=3, depth=1)[sees]
+        self.in_ch = DISC_SEES[sees][0]
         self.augment = augment                        # --disc-augment: see diff_augment
         layers, c = [nn.Conv2d(self.in_ch, ch, 3, padding=1)], ch
         # Each stage: a 3x3 conv, then a strided 4x4 conv that halves the resolution and (up to
@@ -589,7 +590,7 @@ PRESETS = {
                  dec_heads=4, plane_ch=16, plane_res=32, hidden=32, feat_ch=16, up_ch=32,
                  n_coarse=16, n_fine=16, batch=8, lr=1e-3, steps=3000, disc_ch=16,
                  n_scenes=1000, every=500, adv_weight=0.0, disc_augment=False),
-    # 64 px on a laptop CPU (20 min alone on 2 cores, 32-34 min two runs at a time; README):
+    # 64 px on a laptop CPU (19.8 min alone on 2 cores, 32-34 min two runs at a time; README):
     # the volume renderer stays at tiny's 32 px and the upsampler doubles it (the paper's
     # low-res render + super-resolution, at small scale); z 8x8x8, so the diffusion model
     # runs on an 8x8 grid like tiny's. The two convolution stacks that run at 64 px are half
@@ -642,7 +643,7 @@ def get_args(argv=None):
     a("--kl-weight", type=float, default=1e-5, help="KL weight (summed over the latent)")
     a("--lpips-weight", type=float, default=0.0, help="LPIPS weight (needs `pip install lpips`)")
     a("--r1-gamma", type=float, default=1.0, help="R1 penalty on real images")
-    a("--disc-sees", choices=["both", "rgb", "depth"], default="both", help="what the "
+    a("--disc-sees", choices=list(DISC_SEES), default="both", help="what the "
       "discriminator judges: RGB + depth, RGB alone, depth alone (without depth maps: RGB)")
     a("--disc-augment", action=argparse.BooleanOptionalAction, default=None, help="the "
       "discriminator sees real and fake through the same random translation + cutout "
@@ -1138,7 +1139,7 @@ def train(args):
         n_d = sum(p.numel() for p in disc.parameters())
         print(f"data: {root}, {len(ds)} images at {args.res} px, depth maps: {ds.use_depth}")
         print(f"autoencoder {n_ae / 1e6:.2f} M parameters, discriminator {n_d / 1e6:.2f} M "
-              f"(sees {DISC_SEES[disc.sees]}); "
+              f"(sees {DISC_SEES[disc.sees][1]}); "
               f"z = {args.z_ch}x{args.z_res}x{args.z_res}; {world()} process(es) on {device}; "
               f"batch {args.batch} x {args.accum} accumulated")
         if args.lpips_weight == 0:
