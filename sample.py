@@ -262,7 +262,8 @@ const canvas = document.getElementById("view"), ctx = canvas.getContext("2d");
 const pick = document.getElementById("scene"), box = document.getElementById("depth");
 NAMES.forEach((name, k) => pick.add(new Option(name, k)));
 const clamp = (v, lo, hi) => Math.max(lo, Math.min(hi, v));
-const nearest = (arr, v) => arr.reduce((b, x, k) => Math.abs(x - v) < Math.abs(arr[b] - v) ? k : b, 0);
+const nearest = (arr, v) =>     // index of the entry of arr closest to v
+  arr.reduce((b, x, k) => Math.abs(x - v) < Math.abs(arr[b] - v) ? k : b, 0);
 
 function draw(updateUrl) {
   const img = document.getElementById((state.depth ? "depth" : "rgb") + state.scene);
@@ -294,13 +295,16 @@ canvas.addEventListener("pointerdown", e => {
 canvas.addEventListener("pointermove", e => {
   if (!drag) return;
   const r = canvas.getBoundingClientRect();
-  state.yi = clamp(drag.yi + Math.round((e.clientX - drag.x) / r.width * YAWS.length), 0, YAWS.length - 1);
-  state.pi = clamp(drag.pi + Math.round((e.clientY - drag.y) / r.height * PITCHES.length), 0, PITCHES.length - 1);
+  const dy = Math.round((e.clientX - drag.x) / r.width * YAWS.length);
+  const dp = Math.round((e.clientY - drag.y) / r.height * PITCHES.length);
+  state.yi = clamp(drag.yi + dy, 0, YAWS.length - 1);
+  state.pi = clamp(drag.pi + dp, 0, PITCHES.length - 1);
   draw(false);
 });
 canvas.addEventListener("pointerup", () => { drag = null; draw(true); });
 document.addEventListener("keydown", e => {
-  const step = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] }[e.key];
+  const step = { ArrowLeft: [-1, 0], ArrowRight: [1, 0],
+                 ArrowUp: [0, -1], ArrowDown: [0, 1] }[e.key];
   if (step) {
     state.yi = clamp(state.yi + step[0], 0, YAWS.length - 1);
     state.pi = clamp(state.pi + step[1], 0, PITCHES.length - 1);
