@@ -149,7 +149,8 @@ def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, pitch_only=10.0,
 
     For every held-out scene: PSNR of the reconstruction at P0 (the ceiling of the novel
     views). For every held-out view: PSNR of the model's render, of the input copied as is,
-    and of the input forward-warped by its true depth, against the true render; at |yaw| =
+    of the input forward-warped by its true depth, and of the model's reconstruction warped
+    the same way (recwarp), against the true render; at |yaw| =
     yaw_only (pitch 0) also split into the pixels the input saw and the disoccluded ones
     (seen_by_input), and at |pitch| = pitch_only (yaw 0) on its own; the Pearson correlation
     of the model's P0 depth with the true depth, and the slope of one on the other (relief: 1 =
@@ -190,10 +191,15 @@ def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, pitch_only=10.0,
                                       c["radius"])
             pred = model.render(planes, cam)["image"].clamp(-1, 1)
             warp = forward_warp(image, depth, cam, c["fov_deg"], c["radius"])
+            # The model's own P0 reconstruction moved by the true depth: its texture with
+            # perfect geometry. Against the model, the cost of its geometry; against the warp,
+            # the cost of its texture (the reconstruction is not the photo).
+            recwarp = forward_warp(images["recon"][-1], depth, cam, c["fov_deg"], c["radius"])
             the_yaw = abs(abs(yaw) - yaw_only) < 1e-6 and pitch == 0
             the_pitch = abs(abs(pitch) - pitch_only) < 1e-6 and yaw == 0
             seen = seen_by_input(gt_depth, cam, depth, c["fov_deg"], c["radius"])
-            for key, img in (("model", pred), ("copy", image), ("warp", warp)):
+            for key, img in (("model", pred), ("copy", image), ("warp", warp),
+                             ("recwarp", recwarp)):
                 score = psnr(img, gt).item()
                 add(f"psnr_{key}", score)
                 if the_pitch:
@@ -202,7 +208,7 @@ def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, pitch_only=10.0,
                     add(f"psnr_{key}_yaw{yaw_only:g}", score)
                     add(f"psnr_{key}_yaw{yaw_only:g}_seen", psnr(img, gt, seen).item())
                     add(f"psnr_{key}_yaw{yaw_only:g}_unseen", psnr(img, gt, ~seen).item())
-                    images[key].append(img)
+                    images.setdefault(key, []).append(img)
             if the_yaw:
                 add(f"unseen_fraction_yaw{yaw_only:g}", 1 - seen.float().mean().item())
                 images["true"].append(gt)

@@ -102,6 +102,9 @@ def test_evaluate_views_reports_model_and_baselines(scenes, tmp_path):
     assert r["depth_pearson"] == pytest.approx(1.0, abs=1e-5)
     assert r["psnr_recon"] == pytest.approx(100.0)        # its P0 reconstruction is exact
     assert r["depth_relief"] == pytest.approx(1.0, abs=1e-5)
+    # ... and its reconstruction, warped by the true depth, is the depth warp itself.
+    for key in ("psnr_{}", "psnr_{}_yaw20_seen", "psnr_{}_yaw20_unseen"):
+        assert r[key.format("recwarp")] == pytest.approx(r[key.format("warp")], abs=1e-6)
 
 
 def test_relief_is_the_depth_scale_pearson_cannot_see():
