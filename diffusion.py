@@ -681,15 +681,6 @@ def load(path, device="cpu"):
 
 
 @torch.no_grad()
-def ema_update(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter; buffers are copied."""
-    for pe, p in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(p.detach(), 1 - decay)
-    for be, b in zip(ema.buffers(), model.buffers()):
-        be.copy_(b)
-
-
-@torch.no_grad()
 def sample_grid(model, ae_model, n, steps, path, seed=0):
     """The PNG a person reads while training: n DDIM samples (fixed noise, so successive grids
     are comparable), decoded to triplanes and rendered: P0 | depth | yaw -20, 0, +20 | depths.
@@ -714,8 +705,8 @@ def train_step(model, ema, opt, batches, step, args, autocast):
     # Accumulation over micro-batches, one all-reduce across ranks, clipping, the update.
     logs, _ = ae.optimiser_step(opt, batches, loss_fn, autocast, args.grad_clip)
     # EMA with a warm-up (decay grows from 0.1 towards args.ema): early EMA weights are
-    # not stuck on the random init.
-    ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
+    # not stuck on the random init. The same average as the autoencoder's (ae.ema_update).
+    ae.ema_update(ema, model, ae.ema_decay(step, args.ema))
     return logs
 
 
@@ -868,7 +859,7 @@ def train_toy(steps=1500, batch=128, lr=2e-3, pred="eps", seed=0, progress=False
         loss.backward()
         opt.step()
         sched.step()
-        ema_update(ema, model, min(0.995, (1 + step) / (10 + step)))
+        ae.ema_update(ema, model, ae.ema_decay(step, 0.995))
         losses.append(loss.item())
     return ema.eval(), losses
 

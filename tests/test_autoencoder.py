@@ -274,7 +274,7 @@ class Crash(Exception):
 
 def test_resume_is_bit_exact(scenes, tmp_path, monkeypatch):
     common = ["--steps", "4", "--adv-start", "1", "--every", "2", "--lr-decay", "cosine"]
-    straight = ae.train(micro_args(scenes, tmp_path / "a", *common))["model"]
+    straight = ae.train(micro_args(scenes, tmp_path / "a", *common))
     # The same run, killed right after its first checkpoint (step 2), then resumed.
     save = ae.save_checkpoint
 
@@ -286,14 +286,56 @@ def test_resume_is_bit_exact(scenes, tmp_path, monkeypatch):
     with pytest.raises(Crash):
         ae.train(micro_args(scenes, tmp_path / "b", *common))
     monkeypatch.setattr(ae, "save_checkpoint", save)
-    resumed = ae.train(micro_args(scenes, tmp_path / "b", "--resume", *common))["model"]
-    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(p, q), name
-    # and load() gives back the same weights in eval mode
+    resumed = ae.train(micro_args(scenes, tmp_path / "b", "--resume", *common))
+    for key in ("model", "ema"):                       # the weights and their average
+        for (name, p), q in zip(straight[key].state_dict().items(),
+                                resumed[key].state_dict().values()):
+            assert torch.equal(p, q), (key, name)
+    # and load() gives back the averaged weights in eval mode
     loaded = ae.load(str(tmp_path / "b" / "ckpt.pt"))
     assert not loaded.training and loaded.config["radius"] == scenes_mod.SCENE_RADIUS
     assert all(torch.equal(p, q) for p, q in zip(loaded.state_dict().values(),
-                                                 resumed.state_dict().values()))
+                                                 resumed["ema"].state_dict().values()))
+
+
+def test_ema_is_the_running_average_that_load_returns(scenes, tmp_path):
+    # Two steps by hand: the average starts at the initial weights w0, and after step k
+    # (decay d_k = ema_decay(k), warming up: 1/10, then 2/11) ema <- d_k ema + (1 - d_k) w_k+1,
+    # with w1, w2 the weights of a 1-step and a 2-step run of the same seed.
+    common = ["--adv-weight", "0", "--every", "1", "--ema", "0.5"]
+    one = ae.train(micro_args(scenes, tmp_path / "one", "--steps", "1", *common))
+    two = ae.train(micro_args(scenes, tmp_path / "two", "--steps", "2", *common))
+    init = ae.build(micro_args(scenes, tmp_path / "x", *common), "cpu")[0]
+    d0, d1 = ae.ema_decay(0, 0.5), ae.ema_decay(1, 0.5)
+    assert d0 == pytest.approx(0.1) and d1 == pytest.approx(2 / 11)
+    for (name, e), w0, w1, w2 in zip(two["ema"].state_dict().items(),
+                                     init.state_dict().values(), one["model"].state_dict().values(),
+                                     two["model"].state_dict().values()):
+        if not e.is_floating_point():
+            continue
+        ema1 = d0 * w0 + (1 - d0) * w1
+        assert torch.allclose(e, d1 * ema1 + (1 - d1) * w2, atol=1e-6), name
+    # The average is not the weights (it trails them) and it is what load() returns.
+    loaded = ae.load(str(tmp_path / "two" / "ckpt.pt")).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in two["ema"].state_dict().items())
+    assert any(not torch.equal(loaded[k], v) for k, v in two["model"].state_dict().items())
+    # --ema 0: no average in the checkpoint, load() gives the trained weights.
+    off = ae.train(micro_args(scenes, tmp_path / "off", "--steps", "1", "--adv-weight", "0",
+                              "--ema", "0"))
+    assert off["ema"] is None
+    ckpt = torch.load(str(tmp_path / "off" / "ckpt.pt"), weights_only=True)
+    assert "ema" not in ckpt
+    loaded = ae.load(str(tmp_path / "off" / "ckpt.pt")).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in off["model"].state_dict().items())
+    # Resuming that run with an average starts the average at its weights.
+    more = ae.train(micro_args(scenes, tmp_path / "off", "--resume", "--steps", "2",
+                               "--adv-weight", "0", "--ema", "0.5"))
+    d = ae.ema_decay(1, 0.5)
+    for (name, e), w1, w2 in zip(more["ema"].state_dict().items(),
+                                 off["model"].state_dict().values(),
+                                 more["model"].state_dict().values()):
+        if e.is_floating_point():
+            assert torch.allclose(e, d * w1 + (1 - d) * w2, atol=1e-6), name
 
 
 def _free_port():
