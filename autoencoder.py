@@ -584,7 +584,9 @@ PRESETS = {
                  n_scenes=20000, every=1000, adv_weight=0.02, disc_augment=True,
                  yaw_range=10.0, ema=0.9999),
     # A laptop CPU: 8-27 min on 2 cores (README): 32 px, z 4x8x8, everything small. 3000
-    # steps, as at 1500 two seeds differed by 0.75 dB and at 3000 by 0.03 dB. No adversarial
+    # steps, as at 1500 two seeds differed by 0.75 dB and at 3000 by 0.03 dB; the EMA of the
+    # weights adds 0.34 dB at yaw +-20 (two seeds: 1.58 dB over copying the input; 3x the
+    # steps with --depth-metric: 1.80 dB, short of 2: README). No adversarial
     # loss: it costs time (40-42 min per run instead of 26-33, two at a time) and, even in
     # base's setting, 0.15 dB of novel-view PSNR for a sharper metric (README, Results);
     # `--adv-weight 0.02 --disc-augment --yaw-range 10` switches it on as base has it.
@@ -1077,7 +1079,8 @@ def optimiser_step(opt, batches, loss_fn, autocast, grad_clip=0.0):
 def ema_update(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, parameter by parameter; buffers are copied.
     Both training scripts keep such an average: it smooths out the last steps' noise, which a
-    constant learning rate leaves in the weights (on tiny, +0.56 dB at P0: README)."""
+    constant learning rate leaves in the weights (on tiny, +0.30 to +0.35 dB at yaw +-20 in
+    all seven runs measured, for a 10-27% higher novel-view KID: README)."""
     for pe, p in zip(ema.parameters(), model.parameters()):
         pe.lerp_(p.detach(), 1 - decay)
     for be, b in zip(ema.buffers(), model.buffers()):
