@@ -28,7 +28,7 @@ Map of the file:
     6. discriminator       judges (RGB, depth) of novel views against (photo, its depth)
     7. losses              KL, scale-and-shift aligned depth loss, non-saturating GAN, R1
     8. pictures            previews of novel views and depth (scores: evaluate.py)
-    9. training            presets, data order, checkpoints, the loop
+    9. training            presets, data order, checkpoints, the EMA of the weights, the loop
 """
 import argparse
 import copy
@@ -1079,8 +1079,8 @@ def optimiser_step(opt, batches, loss_fn, autocast, grad_clip=0.0):
 def ema_update(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, parameter by parameter; buffers are copied.
     Both training scripts keep such an average: it smooths out the last steps' noise, which a
-    constant learning rate leaves in the weights (on tiny, +0.30 to +0.35 dB at yaw +-20 in
-    all seven runs measured, for a 10-27% higher novel-view KID: README)."""
+    constant learning rate leaves in the weights (on tiny, +0.30 to +0.46 dB at yaw +-20 in
+    eight of nine runs, -0.04 in one, for a 10-27% higher novel-view KID: README)."""
     for pe, p in zip(ema.parameters(), model.parameters()):
         pe.lerp_(p.detach(), 1 - decay)
     for be, b in zip(ema.buffers(), model.buffers()):
