@@ -1215,7 +1215,7 @@ def train(args):
         # --- preview (rank 0) and checkpoint (every rank calls it) ---
         if step % args.every == 0 or step == args.steps:
             if is_main():
-                shown = (ema or model).eval()           # what load() will return
+                shown = (model if ema is None else ema).eval()   # what load() returns
                 preview(shown, fixed_img, fixed_depth, max(args.yaw_range, 20.0),
                         os.path.join(args.out, f"preview_{step:06d}.png"))
             save_on_main(ckpt_path, lambda rngs: dict(

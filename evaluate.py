@@ -156,7 +156,8 @@ def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, pitch_only=10.0,
     of the model's P0 depth with the true depth, and the slope of one on the other (relief: 1 =
     as deep as the true scene).
     Returns a dict of means; with keep=True also the images at P0 and at yaw +-yaw_only
-    (key "images": input, recon, true, model, warp, copy; (N, 3, H, W) each) for the metric.
+    (key "images": input, recon, true, model, warp, copy, recwarp; (N, 3, H, W) each) for the
+    metric.
     """
     meta = scenes.read_scene_meta(root)
     held = os.path.join(root, "_heldout")
@@ -170,7 +171,7 @@ def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, pitch_only=10.0,
     ds = data_mod.ImageFolder(held, c["res"], depth=True, labels=False, verbose=False)
     n = min(len(ds), max_scenes or len(ds))
     rows, corr, slopes, grid = {}, [], [], []
-    images = {k: [] for k in ("input", "recon", "true", "model", "warp", "copy")}
+    images = {k: [] for k in ("input", "recon", "true", "model", "warp", "copy", "recwarp")}
     add = lambda key, x: rows.setdefault(key, []).append(x)
     for i in tqdm(range(n), desc="evaluating", leave=False):
         item = ds[i]
@@ -208,7 +209,7 @@ def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, pitch_only=10.0,
                     add(f"psnr_{key}_yaw{yaw_only:g}", score)
                     add(f"psnr_{key}_yaw{yaw_only:g}_seen", psnr(img, gt, seen).item())
                     add(f"psnr_{key}_yaw{yaw_only:g}_unseen", psnr(img, gt, ~seen).item())
-                    images.setdefault(key, []).append(img)
+                    images[key].append(img)
             if the_yaw:
                 add(f"unseen_fraction_yaw{yaw_only:g}", 1 - seen.float().mean().item())
                 images["true"].append(gt)
