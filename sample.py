@@ -591,12 +591,15 @@ def metrics(ae_model, planes, args):
 def seconds_per_call(fn, warm=1, reps=3):
     """Median wall time of fn() over `reps` calls, after `warm` untimed ones (the first calls
     pay for memory allocation and lazy initialisation)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     for _ in range(warm):
         fn()
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        sync()                                  # GPU work is asynchronous: wait for it before
+        t0 = time.perf_counter()                # reading the clock, on both sides
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
@@ -674,17 +677,18 @@ def demo(args):
     small: 64 px): train (or reuse) the autoencoder and the diffusion model under runs/demo/
     (runs/demo-small/), then sample everything, write the viewer, and end with a summary of
     files, metrics and times."""
-    threads = ["--threads", str(args.threads)] if args.threads else []
+    # Both training stages run on the demo's device and thread count.
+    common = ["--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
     run = os.path.join("runs", "demo" if args.preset == "tiny" else f"demo-{args.preset}")
     ae_dir, ldm_dir = os.path.join(run, "ae"), os.path.join(run, "ldm")
     ae_path, ldm_path = os.path.join(ae_dir, "ckpt.pt"), os.path.join(ldm_dir, "ckpt.pt")
     args.n = args.n or 8
     args.out = args.out or os.path.join(run, "samples")
     # Each stage resumes from its checkpoint when one exists, so a second --demo only samples.
-    ae_args = ae.get_args(["--preset", args.preset, "--out", ae_dir, *threads] +
+    ae_args = ae.get_args(["--preset", args.preset, "--out", ae_dir, *common] +
                           (["--resume"] if os.path.isfile(ae_path) else []))
     ldm_args = diffusion.get_args(["--preset", args.preset, "--ae", ae_path, "--out", ldm_dir,
-                                   *threads] + (["--resume"] if os.path.isfile(ldm_path) else []))
+                                   *common] + (["--resume"] if os.path.isfile(ldm_path) else []))
     data_root = ae.default_data_root(ae_args.res)
 
     # The plan, with times from a short warm-up on this machine.
@@ -694,7 +698,9 @@ def demo(args):
     total = sum(s for s, _ in est.values())
     for k, (stage, (secs, what)) in enumerate(est.items()):
         print(f"  {k + 1}. {stage:12s} ~{secs / 60:4.1f} min  {what}")
-    print(f"  estimated total ~{total / 60:.0f} min on {torch.get_num_threads()} CPU threads "
+    where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+             else f"{torch.get_num_threads()} CPU threads")
+    print(f"  estimated total ~{total / 60:.0f} min on {where} "
           f"(each stage shows a progress bar; Ctrl-C and run again to resume)")
     took = {}
 
