@@ -149,15 +149,16 @@ def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, pitch_only=10.0,
 
     For every held-out scene: PSNR of the reconstruction at P0 (the ceiling of the novel
     views). For every held-out view: PSNR of the model's render, of the input copied as is,
-    of the input forward-warped by its true depth, and of the model's reconstruction warped
-    the same way (recwarp), against the true render; at |yaw| =
+    of the input forward-warped by its true depth, of the model's reconstruction warped
+    the same way (recwarp) and by the model's own P0 depth (ownwarp), and of the model's raw
+    low-res RGB before the 2D refinement (raw), against the true render; at |yaw| =
     yaw_only (pitch 0) also split into the pixels the input saw and the disoccluded ones
     (seen_by_input), and at |pitch| = pitch_only (yaw 0) on its own; the Pearson correlation
     of the model's P0 depth with the true depth, and the slope of one on the other (relief: 1 =
     as deep as the true scene).
     Returns a dict of means; with keep=True also the images at P0 and at yaw +-yaw_only
-    (key "images": input, recon, true, model, warp, copy, recwarp; (N, 3, H, W) each) for the
-    metric.
+    (key "images": input, recon, true, model, warp, copy, recwarp, ownwarp, raw;
+    (N, 3, H, W) each) for the metric.
     """
     meta = scenes.read_scene_meta(root)
     held = os.path.join(root, "_heldout")
@@ -171,7 +172,8 @@ def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, pitch_only=10.0,
     ds = data_mod.ImageFolder(held, c["res"], depth=True, labels=False, verbose=False)
     n = min(len(ds), max_scenes or len(ds))
     rows, corr, slopes, grid = {}, [], [], []
-    images = {k: [] for k in ("input", "recon", "true", "model", "warp", "copy", "recwarp")}
+    images = {k: [] for k in ("input", "recon", "true", "model", "warp", "copy", "recwarp",
+                              "ownwarp", "raw")}
     add = lambda key, x: rows.setdefault(key, []).append(x)
     for i in tqdm(range(n), desc="evaluating", leave=False):
         item = ds[i]
@@ -179,6 +181,7 @@ def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, pitch_only=10.0,
         planes = model.decode(model.encode(image, depth))
         p0 = model.render(planes, model.P0(1))
         true_depth = F.interpolate(depth, size=p0["depth"].shape[-2:], mode="nearest")
+        own_depth = F.interpolate(p0["depth"], size=depth.shape[-2:], mode="nearest")
         corr.append(pearson(p0["depth"], true_depth))
         slopes.append(relief(p0["depth"], true_depth))
         images["input"].append(image)
@@ -190,17 +193,27 @@ def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, pitch_only=10.0,
             gt, gt_depth = load_view(scenes.view_stem(held, name, yaw, pitch), c["res"])
             cam = render.orbit_camera(torch.tensor([float(yaw)]), torch.tensor([float(pitch)]),
                                       c["radius"])
-            pred = model.render(planes, cam)["image"].clamp(-1, 1)
+            out = model.render(planes, cam)
+            pred = out["image"].clamp(-1, 1)
+            # The raw RGB is the volume render itself, before the 2D refinement CNN: exactly
+            # 3D-consistent (bilinearly enlarged where the renderer runs below the image size).
+            raw = F.interpolate(out["raw"], size=pred.shape[-2:], mode="bilinear",
+                                align_corners=False).clamp(-1, 1)
             warp = forward_warp(image, depth, cam, c["fov_deg"], c["radius"])
             # The model's own P0 reconstruction moved by the true depth: its texture with
             # perfect geometry. Against the model, the cost of its geometry; against the warp,
             # the cost of its texture (the reconstruction is not the photo).
             recwarp = forward_warp(images["recon"][-1], depth, cam, c["fov_deg"], c["radius"])
+            # ... and moved by the model's own P0 depth, as if its volume were a crisp surface
+            # there: against recwarp the cost of its depth, against the model the cost of
+            # rendering a soft volume (and the refinement CNN) instead of that surface.
+            ownwarp = forward_warp(images["recon"][-1], own_depth, cam, c["fov_deg"],
+                                   c["radius"])
             the_yaw = abs(abs(yaw) - yaw_only) < 1e-6 and pitch == 0
             the_pitch = abs(abs(pitch) - pitch_only) < 1e-6 and yaw == 0
             seen = seen_by_input(gt_depth, cam, depth, c["fov_deg"], c["radius"])
             for key, img in (("model", pred), ("copy", image), ("warp", warp),
-                             ("recwarp", recwarp)):
+                             ("recwarp", recwarp), ("ownwarp", ownwarp), ("raw", raw)):
                 score = psnr(img, gt).item()
                 add(f"psnr_{key}", score)
                 if the_pitch:

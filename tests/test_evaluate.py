@@ -75,7 +75,7 @@ class CopyModel:
         return z
 
     def render(self, planes, cam):
-        return dict(image=planes[0], depth=planes[1])
+        return dict(image=planes[0], raw=planes[0], depth=planes[1])
 
     def P0(self, n):
         return render.orbit_camera(torch.zeros(n), torch.zeros(n), self.config["radius"])
@@ -102,9 +102,18 @@ def test_evaluate_views_reports_model_and_baselines(scenes, tmp_path):
     assert r["depth_pearson"] == pytest.approx(1.0, abs=1e-5)
     assert r["psnr_recon"] == pytest.approx(100.0)        # its P0 reconstruction is exact
     assert r["depth_relief"] == pytest.approx(1.0, abs=1e-5)
-    # ... and its reconstruction, warped by the true depth, is the depth warp itself.
+    # ... and its reconstruction, warped by the true depth or by its own (the same) depth, is
+    # the depth warp itself; its raw RGB is its image.
     for key in ("psnr_{}", "psnr_{}_yaw20_seen", "psnr_{}_yaw20_unseen"):
         assert r[key.format("recwarp")] == pytest.approx(r[key.format("warp")], abs=1e-6)
+        assert r[key.format("ownwarp")] == pytest.approx(r[key.format("warp")], abs=1e-6)
+        assert r[key.format("raw")] == pytest.approx(r[key.format("model")], abs=1e-6)
+    # With a wrong (flat) depth of its own, only ownwarp moves: recwarp keeps the true depth.
+    c.render = lambda planes, cam: dict(image=planes[0], raw=planes[0],
+                                        depth=planes[1].mean().expand_as(planes[1]))
+    flat = E.evaluate_views(c, scenes)
+    assert flat["psnr_recwarp"] == pytest.approx(r["psnr_warp"], abs=1e-6)
+    assert flat["psnr_ownwarp"] < r["psnr_warp"] - 0.1
 
 
 def test_relief_is_the_depth_scale_pearson_cannot_see():
