@@ -4,6 +4,7 @@ bench.py -- speed and memory of each stage, measured the same way every time.
     python bench.py                      # every case on the best device here
     python bench.py render --device cpu  # one case
     python bench.py render --compile     # the hot path through torch.compile (any device)
+    python bench.py ae-step --profile    # also the costliest ops (torch.profiler)
     python bench.py data budget          # the loader on 2k vs 20k images; FLOPs and memory
     python bench.py --json bench.json    # also write the numbers as JSON
 
@@ -340,6 +341,9 @@ def step_cost(build_loss, batches):
 # Assumptions of the GPU estimates (printed with them): H100 SXM dense bf16 peak, a model FLOPs
 # utilisation typical of small convnets and renderers, and what a training step keeps besides
 # activations: fp32 weights + gradients + AdamW's two moments = 16 bytes per parameter.
+# Measured once since (README, Benchmarks): the base autoencoder step ran at 3% of that peak on
+# an H100 (47.5 images/s with bf16, 7.3x below this estimate), so read the estimated hours as a
+# lower bound.
 H100_BF16_FLOPS = 989e12
 ASSUMED_MFU = 0.25
 BYTES_PER_PARAM = 16
@@ -358,7 +362,8 @@ def bench_budget(device, args):
         ae.set_camera(a, None)                        # the defaults for photos
         a.adv_weight = max(a.adv_weight, 0.05)        # the full step: novel view + D
         # R1's double backward through D is left out: FlopCounterMode cannot follow the
-        # autograd.grad inside a counted backward (and D is a small share of the step).
+        # autograd.grad inside a counted backward. It is not small: a quarter of the base
+        # step's GPU time on an H100 (README, Benchmarks).
         a.r1_gamma = 0.0
         model, disc, _, _ = ae.build(a, device)
         data = lambda B: (torch.rand(B, 3, a.res, a.res, device=device) * 2 - 1,
@@ -411,6 +416,8 @@ def main():
                    f"(default: {' '.join(DEFAULT_CASES)})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the hot paths")
+    p.add_argument("--profile", action="store_true", help="also print torch.profiler's 15 "
+                   "costliest ops of each case (warm-up and timed calls together)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -437,7 +444,19 @@ def main():
         if case not in CASES:
             sys.exit(f"error: unknown case {case!r}; choose from {list(CASES)}")
         torch.manual_seed(0)
-        r = CASES[case](device, args)
+        if args.profile:
+            # Where the time goes, op by op: on a GPU sorted by the kernels' time, not the
+            # (asynchronous) launch time the CPU sees.
+            from torch.profiler import ProfilerActivity, profile
+            on_gpu = device.type == "cuda"
+            with profile(activities=[ProfilerActivity.CPU] +
+                         ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+                r = CASES[case](device, args)
+            print(prof.key_averages().table(sort_by="cuda_time_total" if on_gpu else
+                                            "cpu_time_total", row_limit=15,
+                                            max_name_column_width=50))
+        else:
+            r = CASES[case](device, args)
         r.update(device=name, compile=args.compile, torch=torch.__version__)
         results.append(r)
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
