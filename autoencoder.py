@@ -578,6 +578,8 @@ PRESETS = {
     # as it earned its place on the tiny budget (README, two seeds): weight 0.02, DiffAugment,
     # novel yaw within +-10 deg (at 0.05 it cost 0.5 dB, without DiffAugment one seed of two
     # painted colour fringes, at the photos' full +-30 deg it cost 3.4 dB). Untested at 256 px.
+    # Speed, measured on one H100 (README, Benchmarks): 40.3 images/s in float32, 47.5 with
+    # --amp bf16 (peak 21.4 / 14.6 GiB at batch 16), so its 200k steps take about 19 hours.
     "base": dict(res=256, render_res=64, z_res=32, z_ch=4, enc_ch=64, dec_dim=256, dec_depth=4,
                  dec_heads=8, plane_ch=32, plane_res=128, hidden=64, feat_ch=32, up_ch=64,
                  n_coarse=48, n_fine=48, batch=16, lr=2e-4, steps=200_000, disc_ch=64,
@@ -598,11 +600,13 @@ PRESETS = {
     # the volume renderer stays at tiny's 32 px and the upsampler doubles it (the paper's
     # low-res render + super-resolution, at small scale); z 8x8x8, so the diffusion model
     # runs on an 8x8 grid like tiny's. The two convolution stacks that run at 64 px are half
-    # tiny's width: a step costs 1.4x tiny's.
+    # tiny's width: a step costs 1.4x tiny's. No average of the weights: here it did not help
+    # (0.999: -0.15 dB at yaw +-20, 2 seeds; 0.995: +0.04 dB, but a worse reconstruction and
+    # metric (b); README), likely because the 64 px model still improves fast at its last steps.
     "small": dict(res=64, render_res=32, z_res=8, z_ch=8, enc_ch=16, dec_dim=128, dec_depth=2,
                   dec_heads=4, plane_ch=16, plane_res=32, hidden=32, feat_ch=16, up_ch=16,
                   n_coarse=16, n_fine=16, batch=8, lr=1e-3, steps=3000, disc_ch=16,
-                  n_scenes=1000, every=500, adv_weight=0.0, disc_augment=False, ema=0.999),
+                  n_scenes=1000, every=500, adv_weight=0.0, disc_augment=False, ema=0.0),
 }
 MODEL_KEYS = ("res", "render_res", "z_res", "z_ch", "enc_ch", "dec_dim", "dec_depth",
               "dec_heads", "plane_ch", "plane_res", "hidden", "feat_ch", "up_ch", "n_coarse",
