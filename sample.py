@@ -591,7 +591,9 @@ def metrics(ae_model, planes, args):
 def seconds_per_call(fn, warm=1, reps=3):
     """Median wall time of fn() over `reps` calls, after `warm` untimed ones (the first calls
     pay for memory allocation and lazy initialisation)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+    def sync():                 # checked each time: fn() itself may be what first touches CUDA
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
     for _ in range(warm):
         fn()
     times = []
