@@ -10,7 +10,7 @@ generate z. No camera poses are ever needed: everything lives in view space (REA
 Conventions).
 
     python autoencoder.py --preset tiny                       # 2-core CPU: 8-27 min (README)
-    python autoencoder.py --preset small                      # 64 px, 2-core CPU: 19.8 min
+    python autoencoder.py --preset small                      # 64 px, 2-core CPU: 36.8 min
     python autoencoder.py --data photos/ --out runs/ae        # one GPU, 256 px
     python autoencoder.py --data photos/ --amp bf16 --compile # bf16 + torch.compile, any device
     torchrun --nproc_per_node=4 autoencoder.py --data photos/ # 4 GPUs, data parallel
