@@ -565,7 +565,7 @@ def score_views(net, root, model, max_scenes=None, save=None):
 
 
 @torch.no_grad()
-def score_samples(net, root, ae_model, ldm, n=256, seed=0, steps=50, yaw=20.0):
+def score_samples(net, root, ae_model, ldm, n=256, seed=0, steps=50, yaw=20.0, eta=0.0):
     """(a) n samples, rendered at P0 and at yaw +-yaw, against the held-out scenes' real views
     at the same poses; the fraction of samples with no object (the metric network's object
     count, at P0); and the samples' latent spread: the standard deviation of their latents in
@@ -576,7 +576,7 @@ def score_samples(net, root, ae_model, ldm, n=256, seed=0, steps=50, yaw=20.0):
     c = ae_model.config
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % ldm.num_classes if ldm.num_classes else None
-    z = diffusion.ddim_sample(ldm, (n, *ldm.config["latent_shape"]), steps, 0.0, labels, 1.0,
+    z = diffusion.ddim_sample(ldm, (n, *ldm.config["latent_shape"]), steps, eta, labels, 1.0,
                               generator=g, progress=True)
     planes = ae_model.decode(z)
 
@@ -626,6 +626,9 @@ def main(argv=None):
     p.add_argument("--res", type=int, default=64, help="the metric network's input size")
     p.add_argument("--n", type=int, default=256, help="samples to score (samples)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (samples), as sample.py")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (samples): 0 deterministic, "
+                   "1 DDPM-like, as sample.py")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default=None, help="write the numbers here too")
     args = p.parse_args(argv)
@@ -633,6 +636,9 @@ def main(argv=None):
     if len(args.ckpt) != need:
         raise UserError(f"evaluate.py {args.what} takes {need} checkpoint path(s), got "
                         f"{len(args.ckpt)}")
+    if args.steps < 1 or not 0 <= args.eta <= 1:
+        raise UserError(f"--steps must be >= 1 and --eta in [0, 1], got {args.steps} and "
+                        f"{args.eta}")
     if args.threads:
         torch.set_num_threads(args.threads)
     root = args.data or ae.default_data_root(64)
@@ -655,7 +661,8 @@ def main(argv=None):
     else:
         import sample
         ae_model, ldm = sample.load_models(args.ckpt[0], args.ckpt[1], torch.device("cpu"))
-        result = score_samples(net, root, ae_model, ldm, args.n, args.seed)
+        result = score_samples(net, root, ae_model, ldm, args.n, args.seed, args.steps,
+                               eta=args.eta)
         for k, v in result.items():
             print(f"  {k:28s} {v:.4g}")
     if args.json:

@@ -11,6 +11,7 @@ import autoencoder as ae
 import evaluate as E
 import render
 import scenes as scenes_mod
+from data import UserError
 from test_autoencoder import micro_args, scenes  # noqa: F401  (the 4-scene folder fixture)
 from test_sample import ae_ckpt, ldm_ckpt  # noqa: F401  (micro autoencoder + diffusion)
 
@@ -219,3 +220,11 @@ def test_score_samples_counts_samples_without_objects(ae_ckpt, ldm_ckpt, tmp_pat
         assert r["n_fake_p0"] == 4 and r["n_real_p0"] == 3             # 3 held-out scenes
         assert r["n_fake_yaw20"] == 8 and r["n_real_yaw20"] == 6       # both sides of P0
         assert np.isfinite(r["fd_p0"]) and 0 <= r["recall_yaw20"] <= 1
+
+
+@pytest.mark.parametrize("flags", [["--steps", "0"], ["--eta", "1.5"]])
+def test_sampler_flags_out_of_range_give_one_clear_line(flags):
+    """evaluate.py samples --steps / --eta: a bad value is named before anything loads (the
+    checkpoint paths do not even exist here)."""
+    with pytest.raises(UserError, match="--steps must be >= 1 and --eta in"):
+        E.main(["samples", "missing_ae.pt", "missing_ldm.pt", *flags])
