@@ -653,6 +653,8 @@ def get_args(argv=None):
     a("--kl-weight", type=float, default=1e-5, help="KL weight (summed over the latent)")
     a("--lpips-weight", type=float, default=0.0, help="LPIPS weight (needs `pip install lpips`)")
     a("--r1-gamma", type=float, default=1.0, help="R1 penalty on real images")
+    a("--r1-every", type=int, default=1, help="lazy R1 (StyleGAN2): the penalty only on every "
+      "Nth discriminator step, weighted N times, so it costs 1/N as much (README)")
     a("--disc-sees", choices=list(DISC_SEES), default="both", help="what the "
       "discriminator judges: RGB + depth, RGB alone, depth alone (without depth maps: RGB)")
     a("--disc-augment", action=argparse.BooleanOptionalAction, default=None, help="the "
@@ -718,7 +720,7 @@ def check_args(args):
         if not ok:
             raise UserError(msg)
     pow2 = lambda x: x > 0 and (x & (x - 1)) == 0
-    for name in ("steps", "batch", "accum", "every", "log_every", "field_layers"):
+    for name in ("steps", "batch", "accum", "every", "log_every", "field_layers", "r1_every"):
         need(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive")
     need(args.workers >= 0, "--workers must be >= 0")
     need(args.batch % world() == 0,
@@ -735,7 +737,8 @@ def check_args(args):
     need(args.feat_ch >= 3, "--feat-ch must be at least 3 (the raw RGB)")
     need(0 < (args.fov_deg or 40) < 179, "--fov-deg must be in (0, 179)")
     need(0 <= args.ema < 1, "--ema must be in [0, 1)")
-    need(min(args.depth_weight, args.adv_weight, args.kl_weight, args.lpips_weight) >= 0,
+    need(min(args.depth_weight, args.adv_weight, args.kl_weight, args.lpips_weight,
+             args.r1_gamma) >= 0,
          "loss weights must be >= 0")
     need(args.device == "cpu" or torch.cuda.is_available(),
          f"--device {args.device}: CUDA is not available here; use --device cpu")
@@ -1123,13 +1126,24 @@ def autoencoder_step(model, disc, opt, batches, args, adv_on, lpips_fn, autocast
         model, disc, image, depth, args, adv_on, lpips_fn), autocast, args.grad_clip)
 
 
-def discriminator_step(disc, opt_d, batches, fakes, args, autocast):
+def discriminator_step(disc, opt_d, batches, fakes, args, autocast, step=0):
     """4. One optimiser step of the discriminator: (photo, its monocular depth) is real,
-    (novel view, its rendered depth) is fake; the autoencoder's step above tried to fool it."""
+    (novel view, its rendered depth) is fake; the autoencoder's step above tried to fool it.
+
+    Lazy R1 (Karras et al. 2020, StyleGAN2 Sec. 3.1): the penalty's double backward through the
+    discriminator is a quarter of a `base` step, and it changes slowly, so with --r1-every N it
+    is taken on every Nth step only (step % N == 0), N times as strong: the same penalty on
+    average, at 1/N of its cost."""
+    lazy = args.r1_every
+    gamma = args.r1_gamma * lazy if step % lazy == 0 else 0.0
+
     def loss_fn(image, depth, fake):
         real = disc.inputs(image, depth, args.render_res)
-        loss_d, r1 = d_loss_fn(disc, real, fake, args.r1_gamma)
-        return loss_d, dict(d=loss_d.detach(), r1=r1.detach()), None
+        loss_d, r1 = d_loss_fn(disc, real, fake, gamma)
+        logs = dict(d=loss_d.detach())
+        if gamma > 0:                      # logged only where taken: its mean stays honest
+            logs["r1"] = r1.detach()
+        return loss_d, logs, None
     return optimiser_step(opt_d, [(i, d, f) for (i, d), f in zip(batches, fakes)], loss_fn,
                           autocast)[0]
 
@@ -1201,7 +1215,8 @@ def train(args):
         # --- autoencoder (generator) step, then discriminator step ---
         logs, fakes = autoencoder_step(model, disc, opt, micro, args, adv_on, lpips_fn, autocast)
         if adv_on:
-            logs.update(discriminator_step(disc, opt_d, micro, fakes, args, autocast))
+            logs.update(discriminator_step(disc, opt_d, micro, fakes, args, autocast,
+                                           step))
         if ema is not None:
             ema_update(ema, model, ema_decay(step, args.ema))
         step += 1

@@ -1,4 +1,5 @@
 """autoencoder.py: shapes, losses against closed forms, training that learns, exact resume, DDP."""
+import contextlib
 import math
 import os
 import socket
@@ -115,6 +116,26 @@ def test_field_layers_and_older_checkpoints_default_to_one_hidden_layer():
     assert sigma.shape == (2, 5, 1) and feats.shape == (2, 5, 16) and (sigma >= 0).all()
     with pytest.raises(UserError, match="--field-layers must be positive"):
         ae.check_args(ae.get_args(["--preset", "tiny", "--field-layers", "0"]))
+
+
+def test_lazy_r1_is_taken_every_nth_step_n_times_as_strong():
+    # --r1-every 4: steps 0, 4, 8... pay 4 x gamma x R1; the others pay no penalty at all.
+    torch.manual_seed(0)
+    args = ae.get_args(["--preset", "tiny", "--r1-every", "4", "--r1-gamma", "2"])
+    image, depth = torch.rand(2, 3, 32, 32) * 2 - 1, 1 + torch.rand(2, 1, 32, 32)
+    for step, gamma in [(1, 0.0), (4, 8.0)]:
+        disc = ae.Discriminator(32, 8)
+        opt_d = torch.optim.SGD(disc.parameters(), lr=0.0)    # the weights stay as they are
+        fake = disc.inputs(image.flip(-1), depth.flip(-1), args.render_res)
+        want, r1 = ae.d_loss_fn(disc, disc.inputs(image, depth, args.render_res), fake, gamma)
+        logs = ae.discriminator_step(disc, opt_d, [(image, depth)], [fake], args,
+                                     contextlib.nullcontext(), step)
+        assert torch.allclose(logs["d"], want.detach())
+        assert ("r1" in logs) == (gamma > 0)                  # logged only where it is taken
+        if gamma:
+            assert r1 > 0 and torch.allclose(logs["r1"], r1.detach())
+    with pytest.raises(UserError, match="--r1-every must be positive"):
+        ae.check_args(ae.get_args(["--preset", "tiny", "--r1-every", "0"]))
 
 
 def test_learning_rate_falls_from_lr_to_a_tenth():
