@@ -435,15 +435,34 @@ def frechet_distance(x, y):
     return ((mx - my).square().sum() + sx.trace() + sy.trace() - 2 * cross).item()
 
 
-def kid(x, y):
+def kid(x, y, paired=False):
     """Kernel Inception Distance on these features: the unbiased estimate of MMD^2 with the
     cubic polynomial kernel k(a, b) = (a.b / d + 1)^3 (Binkowski et al. 2018), and its standard
-    error by the two-sample delete-one jackknife (cheap: each leave-one-out MMD^2 is the full one
-    minus one row of the kernel matrices). Unbiased: two sets from one distribution score ~0,
-    and may score below 0. x (N, d), y (M, d) -> (kid, standard error)."""
+    error by the delete-one jackknife (cheap: each leave-one-out MMD^2 is the full one minus
+    one row of the kernel matrices). Unbiased: two sets from one distribution score ~0, and may
+    score below 0. x (N, d), y (M, d) -> (kid, standard error).
+
+    paired=True when y[i] is a rendering of the same scene as x[i] (a reconstruction of photo
+    i, a novel view of scene i against its true view). The cross term sum_ij k(x_i, y_j) then
+    holds N pairs that look alike by construction, so the plain estimate credits each pair's
+    likeness to the distributions and comes out too low: a set of samples, unpaired with the
+    photos, could not reach it even if it were drawn from the same distribution. The paired
+    estimate (Gretton et al. 2012, MMD^2_u) leaves those pairs out:
+        sum_{i != j} [k(x_i, x_j) + k(y_i, y_j) - k(x_i, y_j) - k(x_j, y_i)] / (N (N - 1)),
+    and its jackknife deletes a pair at a time."""
     x, y = x.double(), y.double()
     n, m, d = len(x), len(y), x.shape[1]
     kxx, kyy, kxy = [(a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y))]
+    if paired:
+        if n != m:
+            raise ValueError(f"paired KID needs sets of one size, got {n} and {m}")
+        h = kxx + kyy - kxy - kxy.T                                           # (N, N)
+        h.fill_diagonal_(0)
+        full = h.sum() / (n * (n - 1))
+        # Without pair i: its row and column leave h.
+        loo = (h.sum() - 2 * h.sum(1)) / ((n - 1) * (n - 2))                  # (N,)
+        var = (n - 1) / n * (loo - loo.mean()).square().sum()
+        return full.item(), var.sqrt().item()
     kxx.fill_diagonal_(0)
     kyy.fill_diagonal_(0)
     sxx, syy, sxy = kxx.sum(), kyy.sum(), kxy.sum()
@@ -474,18 +493,19 @@ def precision_recall(real, fake, k=3):
     return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
 
 
-def distances(real, fake):
+def distances(real, fake, paired=False):
     """All four numbers between two sets of metric features (N, feat + 9), as a dict (README,
     Results); and KID on each part alone: "content" (the network's features: objects,
     colours, layout) and "texture" (low_level: edge energy). Blurry renders and renders with
     high-frequency artefacts can score alike on the whole and far apart on the parts, so both
-    are reported."""
-    k, k_se = kid(real, fake)
+    are reported. paired: fake[i] renders the scene of real[i] (kid; precision and recall do
+    not correct for it and read high for paired sets)."""
+    k, k_se = kid(real, fake, paired)
     p, r = precision_recall(real, fake)
     out = dict(fd=frechet_distance(real, fake), kid=k, kid_se=k_se, precision=p, recall=r)
     cut = real.shape[1] - LOW_LEVEL_DIMS
     for part, sl in (("content", slice(0, cut)), ("texture", slice(cut, None))):
-        out[f"kid_{part}"], out[f"kid_{part}_se"] = kid(real[:, sl], fake[:, sl])
+        out[f"kid_{part}"], out[f"kid_{part}_se"] = kid(real[:, sl], fake[:, sl], paired)
     return dict(out, n_real=len(real), n_fake=len(fake))
 
 
@@ -556,10 +576,14 @@ def score_views(net, root, model, max_scenes=None, save=None):
     r = evaluate_views(model, root, max_scenes, save=save, keep=True)
     imgs = r.pop("images")
     true = features(net, imgs["true"])[0]
+    # Every set here is paired with its reference, scene by scene (kid's paired estimate).
+    # (In (b) each scene gives two views, -20 and +20: the pair across them stays counted,
+    # 1 of the 127 others in each row.)
     for key in ("model", "copy", "warp"):
         r.update({f"{k}_{key}_yaw20": v for k, v in distances(true, features(
-            net, imgs[key])[0]).items() if not k.startswith("n_")})
-    rec = distances(features(net, imgs["input"])[0], features(net, imgs["recon"])[0])
+            net, imgs[key])[0], paired=True).items() if not k.startswith("n_")})
+    rec = distances(features(net, imgs["input"])[0], features(net, imgs["recon"])[0],
+                    paired=True)
     r.update({f"{k}_recon": v for k, v in rec.items() if not k.startswith("n_")})
     return r
 
