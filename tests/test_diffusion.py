@@ -77,6 +77,31 @@ def test_eps_and_v_conversions_invert_each_other():
     assert torch.allclose(x0_e, x0, atol=1e-3)
 
 
+
+@pytest.mark.parametrize("pred", ["eps", "v"])
+def test_min_snr_loss_is_the_x0_error_weighted_by_min_snr_gamma(pred):
+    """Min-SNR-gamma: whatever the target, the weighted loss is min(SNR, gamma) |x0_hat - x0|^2
+    per sample (Hang et al. 2023), recomputed here from x_0 by hand; gamma = 0 is the plain MSE."""
+    torch.manual_seed(0)
+    model = D.toy_model(pred).eval()
+    x0 = torch.randn(64, 2, 4, 4)
+    torch.manual_seed(1)
+    weighted = model.loss(x0, min_snr=5.0)
+    torch.manual_seed(1)                                      # the same t and noise again
+    t = torch.randint(0, model.T, (64,))
+    eps = torch.randn_like(x0)
+    a = model.alpha_bar[t]
+    with torch.no_grad():
+        _, x0_hat = model.predict(D.q_sample(x0, a, eps), t)
+    snr = a / (1 - a)
+    expect = (snr.clamp(max=5.0) * (x0_hat - x0).square().mean((1, 2, 3))).mean()
+    assert torch.allclose(weighted, expect, rtol=1e-3), (weighted, expect)
+    torch.manual_seed(1)
+    plain = model.loss(x0)
+    assert not torch.allclose(plain, weighted, rtol=1e-2)     # the weights do change the loss
+    torch.manual_seed(1)
+    assert torch.equal(model.loss(x0, min_snr=0.0), plain)
+
 # --- samplers with an exact denoiser -------------------------------------------------------------
 class GaussianOracle(nn.Module):
     """The exact epsilon (or v) predictor when the data is N(m, s^2 I) (s = 0: the single point
@@ -265,6 +290,8 @@ def test_bad_inputs_are_one_clear_error(ae_ckpt, tmp_path):
         D.ddim_sample(uncond, (1, 4, 4, 4), steps=2, cfg=3.0)
     with pytest.raises(UserError, match="levels need the latent size"):
         D.train(ldm_args(ae_ckpt, tmp_path / "z", "--ch-mult", "1,2,2,2"))
+    with pytest.raises(UserError, match="--min-snr must be >= 0"):
+        D.train(ldm_args(ae_ckpt, tmp_path / "z", "--min-snr", "-1"))
     p = subprocess.run([sys.executable, os.path.join(ROOT, "diffusion.py"), "--ae", ldm_path,
                         "--out", str(tmp_path / "w")], capture_output=True, text=True)
     assert p.returncode != 0 and "Traceback" not in p.stderr
