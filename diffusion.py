@@ -309,9 +309,10 @@ class LatentDiffusion(nn.Module):
         if p_uncond > 0:
             y[torch.rand(B, device=x0.device) < p_uncond] = self.num_classes
         target = eps if self.config["pred"] == "eps" else v_from_eps(x0, eps, a)
+        out = self.net(x_t, t, y).float()
         if min_snr <= 0:
-            return F.mse_loss(self.net(x_t, t, y).float(), target)
-        err = (self.net(x_t, t, y).float() - target).square().mean((1, 2, 3))    # (B,)
+            return F.mse_loss(out, target)
+        err = (out - target).square().mean((1, 2, 3))                            # (B,)
         snr = a / (1 - a)
         weight = snr.clamp(max=min_snr) / (snr if self.config["pred"] == "eps" else snr + 1)
         return (weight * err).mean()
@@ -590,20 +591,20 @@ def channel_stats(z, chunk=4096):
 PRESETS = {
     # One GPU, z 4x32x32 (the base autoencoder): 3 levels 32-16-8, attention at 16 and 8.
     "base": dict(ch=128, ch_mult="1,2,2", num_res=2, attn_res="16,8", heads=4, dropout=0.1,
-                 batch=64, lr=1e-4, steps=200_000, ema=0.9999, every=5000, pred="eps", min_snr=0.0,
+                 batch=64, lr=1e-4, steps=200_000, ema=0.9999, every=5000, pred="eps",
                  schedule="linear"),
     # A laptop CPU: 5-20 min on 2 cores (README), z 4x8x8 (the tiny autoencoder).
     "tiny": dict(ch=32, ch_mult="1,2", num_res=1, attn_res="4", heads=2, dropout=0.0,
-                 batch=64, lr=5e-4, steps=8000, ema=0.999, every=2000, pred="eps", min_snr=0.0,
+                 batch=64, lr=5e-4, steps=8000, ema=0.999, every=2000, pred="eps",
                  schedule="linear"),
-    # z 8x8x8 (the small autoencoder, 64 px): tiny's UNet 1.5x wider, for half its steps (the
-    # same time on 2 CPU cores), with the cosine schedule. It predicts v: predicting eps, the
-    # x_0 it implies at high noise, (x_t - sqrt(1 - a) eps) / sqrt(a), multiplies the error by
-    # up to 1/sqrt(a) ~ 160, and at this budget the samples' latents came out ~7x as spread
-    # as the data's and decoded to colour blobs. Width 48 lowered the samples' KID on both
+    # z 8x8x8 (the small autoencoder, 64 px): tiny's UNet 1.5x wider, for half its steps
+    # (about the same time on 2 CPU cores), with the cosine schedule. It predicts v: predicting
+    # eps, the x_0 it implies at high noise, (x_t - sqrt(1 - a) eps) / sqrt(a), multiplies the
+    # error by up to 1/sqrt(a) ~ 160, and at this budget the samples' latents came out ~7x as
+    # spread as the data's and decoded to colour blobs. Width 48 lowered the samples' KID on both
     # of two seeds, the cosine schedule on one; together they did most (README, Results).
     "small": dict(ch=48, ch_mult="1,2", num_res=1, attn_res="4", heads=2, dropout=0.0,
-                  batch=64, lr=5e-4, steps=4000, ema=0.999, every=1000, pred="v", min_snr=0.0,
+                  batch=64, lr=5e-4, steps=4000, ema=0.999, every=1000, pred="v",
                   schedule="cosine"),
 }
 MODEL_KEYS = ("ch", "ch_mult", "num_res", "attn_res", "heads", "dropout")
@@ -641,7 +642,7 @@ def get_args(argv=None):
     a("--lr", type=float, default=None)
     a("--ema", type=float, default=None, help="EMA decay of the weights used for sampling")
     a("--grad-clip", type=float, default=1.0)
-    a("--min-snr", type=float, default=None, help="Min-SNR-gamma loss weighting (Hang et al. "
+    a("--min-snr", type=float, default=0.0, help="Min-SNR-gamma loss weighting (Hang et al. "
       "2023): cap the weight of the nearly clean steps at gamma; 0 = DDPM's simple loss")
     a("--every", type=int, default=None, help="sample grid + checkpoint every N steps")
     a("--sample-steps", type=int, default=50, help="DDIM steps of the sample grids")

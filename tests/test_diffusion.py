@@ -77,7 +77,6 @@ def test_eps_and_v_conversions_invert_each_other():
     assert torch.allclose(x0_e, x0, atol=1e-3)
 
 
-
 @pytest.mark.parametrize("pred", ["eps", "v"])
 def test_min_snr_loss_is_the_x0_error_weighted_by_min_snr_gamma(pred):
     """Min-SNR-gamma: whatever the target, the weighted loss is min(SNR, gamma) |x0_hat - x0|^2
@@ -101,6 +100,7 @@ def test_min_snr_loss_is_the_x0_error_weighted_by_min_snr_gamma(pred):
     assert not torch.allclose(plain, weighted, rtol=1e-2)     # the weights do change the loss
     torch.manual_seed(1)
     assert torch.equal(model.loss(x0, min_snr=0.0), plain)
+
 
 # --- samplers with an exact denoiser -------------------------------------------------------------
 class GaussianOracle(nn.Module):

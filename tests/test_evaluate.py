@@ -156,7 +156,6 @@ def test_kid_is_unbiased_with_a_calibrated_standard_error():
     assert k > 5 * s                                      # a shift is far outside the noise
 
 
-
 def test_paired_kid_leaves_out_the_pairs_likeness():
     """Reconstructions y[i] of photos x[i]: the plain estimate credits each pair's likeness
     and reads below what the same reconstructions score against other photos x2 of the same
@@ -167,8 +166,9 @@ def test_paired_kid_leaves_out_the_pairs_likeness():
         x, x2, noise = torch.randn(3, 60, 8, generator=g, dtype=torch.float64)
         y = x + 0.5 * noise                                # a blurry "reconstruction" of x
         plain.append(E.kid(x, y)[0])
-        paired.append(E.kid(x, y, paired=True)[0])
-        se.append(E.kid(x, y, paired=True)[1])
+        k, k_se = E.kid(x, y, paired=True)
+        paired.append(k)
+        se.append(k_se)
         other.append(E.kid(x2, y)[0])
     plain, paired, other, se = (torch.tensor(v) for v in (plain, paired, other, se))
     assert plain.mean() < other.mean() - 3 * other.std() / 30 ** 0.5     # biased low
@@ -178,6 +178,7 @@ def test_paired_kid_leaves_out_the_pairs_likeness():
     assert E.kid(x, x, paired=True)[0] == 0.0 and E.kid(x, x)[0] < 0
     k, s = E.kid(x, x + 1.0, paired=True)
     assert k > 5 * s                                       # a shift is still far outside
+
 
 def test_precision_and_recall_see_realism_and_coverage():
     g = torch.Generator().manual_seed(0)
