@@ -588,9 +588,10 @@ PRESETS = {
     # A laptop CPU: 8-27 min on 2 cores (README): 32 px, z 4x8x8, everything small. 3000
     # steps, as at 1500 two seeds differed by 0.75 dB and at 3000 by 0.03 dB; the EMA of the
     # weights adds 0.34 dB at yaw +-20 (two seeds: 1.58 dB over copying the input; 3x the
-    # steps with --depth-metric: 1.80 dB, short of 2: README). No adversarial
-    # loss: it costs time (40-42 min per run instead of 26-33, two at a time) and, even in
-    # base's setting, 0.15 dB of novel-view PSNR for a sharper metric (README, Results);
+    # steps with --depth-metric, or 3000 with --depth-metric --depth-weight 0.3: 1.78-1.80 dB,
+    # short of 2: README). No adversarial loss: it costs time (40-42 min per run instead of
+    # 26-33, two at a time) and, even in base's setting, 0.15 dB of novel-view PSNR for a
+    # sharper metric (README, Results);
     # `--adv-weight 0.02 --disc-augment --yaw-range 10` switches it on as base has it.
     "tiny": dict(res=32, render_res=32, z_res=8, z_ch=4, enc_ch=32, dec_dim=96, dec_depth=2,
                  dec_heads=4, plane_ch=16, plane_res=32, hidden=32, feat_ch=16, up_ch=32,
