@@ -292,7 +292,8 @@ class AutoEncoder(nn.Module):
     def render(self, planes, cam2world, res=None, perturb=False):
         """Render triplanes from cameras (B, 4, 4). res: output size (default config res);
         the volume renderer runs at res * render_res / config res, the upsampler does the rest.
-        Returns image (B, 3, res, res), raw (the 3D-consistent low-res RGB), depth, opacity."""
+        Returns image (B, 3, res, res), raw (the 3D-consistent low-res RGB), depth, opacity,
+        distortion (render.render's maps at the volume renderer's resolution)."""
         c = self.config
         res = res or c["res"]
         low = max(1, res * c["render_res"] // c["res"])
@@ -303,7 +304,8 @@ class AutoEncoder(nn.Module):
         image = self.upsampler(feats)
         if image.shape[-1] != res:                                           # odd output sizes
             image = F.interpolate(image, size=res, mode="bilinear", align_corners=False)
-        return dict(image=image, raw=feats[:, :3], depth=out["depth"], opacity=out["opacity"])
+        return dict(image=image, raw=feats[:, :3], depth=out["depth"], opacity=out["opacity"],
+                    distortion=out["distortion"])
 
     def P0(self, n):
         """The input camera, n times: (n, 4, 4)."""
@@ -647,6 +649,8 @@ def get_args(argv=None):
     a("--depth-weight", type=float, default=1.0, help="depth loss weight; 0 switches it off")
     a("--depth-metric", action="store_true", help="the depth maps are in the camera's units "
       "(synthetic scenes' true depth): no scale-and-shift alignment in the depth loss")
+    a("--dist-weight", type=float, default=0.0, help="distortion loss weight (mip-NeRF 360: "
+      "one surface per ray; render.distortion); 0 switches it off")
     a("--adv-weight", type=float, default=None, help="adversarial weight; 0 switches it off")
     a("--adv-start", type=int, default=None, help="step the adversarial loss starts "
       "(default: a third of --steps)")
@@ -738,8 +742,8 @@ def check_args(args):
     need(args.feat_ch >= 3, "--feat-ch must be at least 3 (the raw RGB)")
     need(0 < (args.fov_deg or 40) < 179, "--fov-deg must be in (0, 179)")
     need(0 <= args.ema < 1, "--ema must be in [0, 1)")
-    need(min(args.depth_weight, args.adv_weight, args.kl_weight, args.lpips_weight,
-             args.r1_gamma) >= 0,
+    need(min(args.depth_weight, args.dist_weight, args.adv_weight, args.kl_weight,
+             args.lpips_weight, args.r1_gamma) >= 0,
          "loss weights must be >= 0")
     need(args.device == "cpu" or torch.cuda.is_available(),
          f"--device {args.device}: CUDA is not available here; use --device cpu")
@@ -1045,6 +1049,12 @@ def autoencoder_loss(model, disc, image, depth, args, adv_on, lpips_fn):
     if args.depth_weight > 0:
         logs["depth"] = depth_loss(rec["depth"].float(), depth, args.depth_metric)
         loss = loss + args.depth_weight * logs["depth"]
+    if args.dist_weight > 0:
+        # Expected depth can match the target while the weights are split between a ghost in
+        # front and the wall behind; a novel view then shows both. The distortion loss asks
+        # each ray for one surface (render.distortion), with or without depth maps.
+        logs["dist"] = rec["distortion"].float().mean()
+        loss = loss + args.dist_weight * logs["dist"]
     # 3. Novel views around P0: no photo exists there, so only the discriminator can
     #    say whether the scene looks right (colour and depth) from the side.
     if adv_on:

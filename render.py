@@ -15,7 +15,8 @@ uses. Read it top to bottom:
     3. triplanes   sample_triplane: project 3D points on the xy, xz, yz planes, bilinear lookup
     4. samples     stratified_samples (linear near the pivot, linear in disparity beyond),
                    importance_samples (inverse CDF of the coarse weights)
-    5. compositing composite: alpha, transmittance, weights, features, z-depth, opacity
+    5. compositing composite: alpha, transmittance, weights, features, z-depth, opacity;
+                   distortion: how spread out a ray's weights are (a training loss)
     6. render      the entry point: rays -> coarse pass -> fine pass -> images (B, C, H, W)
 
 Conventions (README, Conventions): OpenCV camera axes (x right, y down, z forward), `cam2world` 4x4
@@ -245,6 +246,29 @@ def composite(sigma, feats, t):
     return features, distance, weights.sum(-1, keepdim=True), weights
 
 
+def distortion(weights, t, near, far):
+    """mip-NeRF 360's distortion of each ray's weights (Barron et al. 2022, Eq. 15): small when
+    a ray's weight sits in one short stretch (a surface), large when it is spread out or split
+    between two places (fog, or a ghost in front of the true surface).
+
+    weights, t (..., S) sorted; sample i owns the interval [t_i, t_{i+1}] (the last one reaches
+    to `far`), as in composite_weights. Distances are measured in normalised disparity
+    s = (1/near - 1/t) / (1/near - 1/far) in [0, 1], so the far field (spaced evenly in 1/t)
+    does not dominate. With interval midpoints m_i and lengths d_i:
+        L = sum_ij w_i w_j |m_i - m_j|  +  1/3 sum_i w_i^2 d_i
+    The double sum in O(S) (the samples are sorted, so |m_i - m_j| = m_i - m_j for j < i):
+        sum_ij w_i w_j |m_i - m_j| = 2 sum_i w_i (m_i sum_{j<i} w_j - sum_{j<i} w_j m_j)
+    -> (..., 1). Only a training loss (autoencoder.py --dist-weight); it changes no rendering.
+    """
+    s = (1 / near - 1 / t.clamp_min(near)) / (1 / near - 1 / far)          # (..., S) in [0, 1]
+    edges = torch.cat([s, torch.ones_like(s[..., :1])], -1)                 # (..., S+1)
+    mid, length = 0.5 * (edges[..., 1:] + edges[..., :-1]), edges[..., 1:] - edges[..., :-1]
+    w_before = weights.cumsum(-1) - weights                                 # sum_{j<i} w_j
+    wm_before = (weights * mid).cumsum(-1) - weights * mid                  # sum_{j<i} w_j m_j
+    pairs = 2 * (weights * (mid * w_before - wm_before)).sum(-1, keepdim=True)
+    return pairs + (weights.square() * length).sum(-1, keepdim=True) / 3
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. The renderer
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +322,8 @@ def render(planes, field, cam2world, fov_deg, res, radius=None, n_coarse=48, n_f
 
     Returns dict of (B, ., H, W) maps: features (F channels), depth (z-depth along the camera's
     optical axis, world units; composited as sum_i w_i z_i, so it shrinks towards 0 where the
-    opacity is below 1), opacity.
+    opacity is below 1), opacity, and distortion (how spread out each ray's weights are,
+    `distortion`: a training loss).
     """
     B = planes.shape[0]
     if cam2world.shape != (B, 4, 4):
@@ -327,7 +352,8 @@ def render(planes, field, cam2world, fov_deg, res, radius=None, n_coarse=48, n_f
         sigma_c, feat_c = query(planes, field, x_c.view(B, -1, 3), contraction)
         sigma_c, feat_c = sigma_c.view(B, N, n_coarse, 1), feat_c.view(B, N, n_coarse, -1)
         if n_fine == 0:
-            feats, dist, opacity, _ = composite(sigma_c, feat_c, t_c)       # (B, N, .)
+            feats, dist, opacity, w_sorted = composite(sigma_c, feat_c, t_c)  # (B, N, .)
+            t_all = t_c
         else:
             # Fine pass: importance-sample where the coarse weights are and evaluate only the
             # new samples; the coarse outputs are reused, not recomputed.
@@ -354,9 +380,11 @@ def render(planes, field, cam2world, fov_deg, res, radius=None, n_coarse=48, n_f
                      (w[..., None, n_coarse:] @ feat_f)).squeeze(-2)
             dist = (w_sorted * t_all).sum(-1, keepdim=True)
             opacity = w_sorted.sum(-1, keepdim=True)
-        outputs.append(torch.cat([feats, dist * cos[:, i:i + step], opacity], -1))
-    out = torch.cat(outputs, 1).transpose(1, 2).unflatten(-1, (res, res))  # (B, F+2, H, W)
-    return dict(features=out[:, :-2], depth=out[:, -2:-1], opacity=out[:, -1:])
+        spread = distortion(w_sorted, t_all, near, far)                    # (B, N, 1)
+        outputs.append(torch.cat([feats, dist * cos[:, i:i + step], opacity, spread], -1))
+    out = torch.cat(outputs, 1).transpose(1, 2).unflatten(-1, (res, res))  # (B, F+3, H, W)
+    return dict(features=out[:, :-3], depth=out[:, -3:-2], opacity=out[:, -2:-1],
+                distortion=out[:, -1:])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ def test_shapes_and_dtypes_of_the_tiny_and_small_presets():
     assert planes.shape == (2, 3, 16, 32, 32)
     out = model.render(planes, model.P0(2))
     assert out["image"].shape == (2, 3, 32, 32) and out["raw"].shape == (2, 3, 32, 32)
-    assert out["depth"].shape == out["opacity"].shape == (2, 1, 32, 32)
+    assert out["depth"].shape == out["opacity"].shape == out["distortion"].shape == (2, 1, 32, 32)
+    assert out["distortion"].min() >= 0
     assert model.render(planes, model.P0(2), res=16)["image"].shape == (2, 3, 16, 16)
     base = ae.AutoEncoder(ae.model_config(ae.get_args(["--fov-deg", "40", "--radius", "2.7"])))
     assert base.upsampler.factor == 4 and base.config["plane_res"] == 128
@@ -183,6 +184,21 @@ def test_kl_matches_torch_distributions():
     p = torch.distributions.Normal(torch.zeros_like(mean), torch.ones_like(mean))
     expect = torch.distributions.kl_divergence(q, p).flatten(1).sum(1).mean()
     assert torch.allclose(ae.kl_loss(mean, logvar), expect, rtol=1e-5)
+
+
+def test_dist_weight_adds_the_rendered_distortion_to_the_loss():
+    """--dist-weight w adds exactly w * mean(distortion of the P0 render) to the loss (the same
+    random draws for both calls), and 0 leaves it out."""
+    args = ae.get_args(["--preset", "tiny", "--fov-deg", "40", "--radius", "2.7"])
+    model = ae.AutoEncoder(ae.model_config(args))
+    image, depth = torch.rand(2, 3, 32, 32) * 2 - 1, 2 + torch.rand(2, 1, 32, 32)
+    losses = {}
+    for w in (0.0, 0.5):
+        args.dist_weight = w
+        torch.manual_seed(0)
+        losses[w], logs, _ = ae.autoencoder_loss(model, None, image, depth, args, False, None)
+    assert "dist" in logs and logs["dist"] > 0
+    assert torch.allclose(losses[0.5] - losses[0.0], 0.5 * logs["dist"], rtol=1e-4)
 
 
 def test_scale_shift_alignment_is_exact():

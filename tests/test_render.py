@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import render
-from render import (PLANE_AXES, composite, contract, coordinate_triplane, get_rays,
+from render import (PLANE_AXES, composite, contract, coordinate_triplane, distortion, get_rays,
                     importance_samples, orbit_camera, position_from_features, sample_triplane,
                     stratified_samples)
 
@@ -157,6 +157,41 @@ def test_two_slabs_multiply_transmittance():
     sigma = torch.where((t > 1.0) & (t < 1.5), 1.0, 0.0) + torch.where((t > 2) & (t < 2.25), 4.0, 0)
     _, _, opacity, _ = composite(sigma[:, None], torch.ones(n, 1), t)
     assert abs(opacity.item() - (1 - math.exp(-0.5 - 1.0))) < 1e-3
+
+
+def test_distortion_matches_its_double_sum():
+    """The O(S) form equals the definition, sum_ij w_i w_j |m_i - m_j| + 1/3 sum_i w_i^2 d_i,
+    written out as an (S, S) matrix in normalised disparity."""
+    torch.manual_seed(0)
+    near, far = 1.0, 100.0
+    t = torch.sort(near + torch.rand(5, 12) * 20).values                 # (rays, S) sorted
+    w = torch.rand(5, 12) / 12
+    s = (1 / near - 1 / t) / (1 / near - 1 / far)
+    edges = torch.cat([s, torch.ones(5, 1)], -1)
+    m, d = (edges[:, 1:] + edges[:, :-1]) / 2, edges[:, 1:] - edges[:, :-1]
+    brute = (w[:, :, None] * w[:, None, :] * (m[:, :, None] - m[:, None, :]).abs()).sum((1, 2))
+    brute = brute + (w.square() * d).sum(-1) / 3
+    assert torch.allclose(distortion(w, t, near, far).squeeze(-1), brute, atol=1e-6)
+
+
+def test_distortion_prefers_one_surface_to_a_ghost():
+    """One opaque slab of density sigma: its weights fall off as sigma e^{-sigma x} inside it,
+    and for that distribution sum_ij w_i w_j |t_i - t_j| = E|X - Y| = 1 / sigma (times ds/dt,
+    to put it in normalised disparity). A faint ghost in front (weight a) adds the pair term
+    2 a (1 - a) (s_wall - s_ghost), which is far larger."""
+    n, near, far = 4000, 1.0, 1000.0
+    t = near + (torch.arange(n) + 0.5) * (4.0 / n)
+    wall = torch.where((t > 3.0) & (t < 3.02), 500.0, 0.0)                # opaque, 2 cm thick
+    ghost = torch.where((t > 1.5) & (t < 1.52), 30.0, 0.0)                # opacity 1 - e^-0.6
+    one = distortion(composite(wall[:, None], torch.ones(n, 1), t)[3], t, near, far).item()
+    two_w = composite((wall + ghost)[:, None], torch.ones(n, 1), t)[3]
+    two = distortion(two_w, t, near, far).item()
+    s = lambda x: (1 / near - 1 / x) / (1 / near - 1 / far)
+    a = 1 - math.exp(-0.6)                                                # the ghost's weight
+    ds_dt = 1 / 3.0 ** 2 / (1 / near - 1 / far)                           # at the wall
+    assert abs(one - ds_dt / 500) < 0.05 * one
+    assert abs(two - 2 * a * (1 - a) * (s(3.0) - s(1.5))) < 0.02 * two
+    assert two > 100 * one
 
 
 def _sphere_field(centre, radius, density=1e3):
