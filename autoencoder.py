@@ -532,15 +532,29 @@ def save_image(x, path):
     Image.fromarray(arr).save(path)
 
 
+def hit_disparity(depth):
+    """Depth (B, 1, H, W) -> disparity (B, 1, H, W) with NaN where the ray hit nothing.
+
+    A ray through empty space renders depth sum_i w_i z_i ~ 0 (all its weights ~ 0), which as
+    a disparity would be the *nearest* thing in the picture; a thin strip of such rays (a novel
+    view looking past the edge of what the input saw) then stretches a percentile scale until
+    everything else is one colour. Depth under 5% of the image's median counts as empty."""
+    median = depth.flatten(1).median(1).values[:, None, None, None]
+    disp = 1.0 / depth.clamp_min(1e-3)
+    return torch.where(depth < 0.05 * median, float("nan"), disp)
+
+
 def colorize_depth(depth, lo=None, hi=None):
     """(B, 1, H, W) depth -> (B, 3, H, W) in [-1, 1] through matplotlib's viridis, near = dark.
     Inverse depth is stretched between lo and hi, by default each image's own 2nd and 98th
-    percentile (pass fixed values to colour a whole video on one scale)."""
+    percentile of the rays that hit something (pass fixed values to colour a whole video on
+    one scale); empty rays get the far end's colour."""
     import matplotlib
-    disp = 1.0 / depth.clamp_min(1e-3)
+    disp = hit_disparity(depth)
     if lo is None or hi is None:
-        lo = disp.flatten(1).quantile(0.02, dim=1)[:, None, None, None]
-        hi = disp.flatten(1).quantile(0.98, dim=1)[:, None, None, None]
+        lo = disp.flatten(1).nanquantile(0.02, dim=1)[:, None, None, None]
+        hi = disp.flatten(1).nanquantile(0.98, dim=1)[:, None, None, None]
+    disp = disp.nan_to_num(0.0)                                     # empty: infinitely far
     x = (1 - ((disp - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1))[:, 0]
     rgb = matplotlib.colormaps["viridis"](x.cpu().numpy())[..., :3]
     return torch.from_numpy(rgb).permute(0, 3, 1, 2).float() * 2 - 1
@@ -591,9 +605,10 @@ PRESETS = {
     # steps, as at 1500 two seeds differed by 0.75 dB and at 3000 by 0.03 dB; the EMA of the
     # weights adds 0.34 dB at yaw +-20 (two seeds: 1.58 dB over copying the input; 3x the
     # steps with --depth-metric, or 3000 with --depth-metric --depth-weight 0.3: 1.78-1.80 dB,
-    # short of 2: README). No adversarial loss: it costs time (40-42 min per run instead of
-    # 26-33, two at a time) and, even in base's setting, 0.15 dB of novel-view PSNR for a
-    # sharper metric (README, Results);
+    # short of 2; that plus --dist-weight 1: 2.08 dB, but P0 depth Pearson 0.935-0.945:
+    # README). No adversarial loss: it costs time (40-42 min per run instead of 26-33, two at
+    # a time) and, even in base's setting, 0.15 dB of novel-view PSNR for a sharper metric
+    # (README, Results);
     # `--adv-weight 0.02 --disc-augment --yaw-range 10` switches it on as base has it.
     "tiny": dict(res=32, render_res=32, z_res=8, z_ch=4, enc_ch=32, dec_dim=96, dec_depth=2,
                  dec_heads=4, plane_ch=16, plane_res=32, hidden=32, feat_ch=16, up_ch=32,

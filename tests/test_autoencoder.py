@@ -201,6 +201,18 @@ def test_dist_weight_adds_the_rendered_distortion_to_the_loss():
     assert torch.allclose(losses[0.5] - losses[0.0], 0.5 * logs["dist"], rtol=1e-4)
 
 
+def test_depth_colours_ignore_rays_that_hit_nothing():
+    """A ramp of depths 2..4 with a two-column strip of empty rays (rendered depth ~0): the ramp
+    still spans the colour map from near (dark) to far (bright), and the strip gets the far
+    colour. Counted into the percentiles, the strip's huge disparity would flatten the ramp."""
+    depth = torch.linspace(2, 4, 16).view(1, 1, 1, 16).expand(1, 1, 16, 16).clone()
+    depth[..., -2:] = 1e-4
+    rgb = ae.colorize_depth(depth)                                    # (1, 3, 16, 16)
+    near, far, empty = rgb[0, :, 8, 0], rgb[0, :, 8, 13], rgb[0, :, 8, 15]
+    assert (far - near).abs().sum() > 1.0                             # dark blue vs yellow
+    assert torch.allclose(empty, far)
+
+
 def test_scale_shift_alignment_is_exact():
     pred = torch.rand(4, 100)
     s_true = torch.tensor([[0.5], [2.0], [3.0], [10.0]])
