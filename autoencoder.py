@@ -605,7 +605,8 @@ PRESETS = {
     # steps, as at 1500 two seeds differed by 0.75 dB and at 3000 by 0.03 dB; the EMA of the
     # weights adds 0.34 dB at yaw +-20 (two seeds: 1.58 dB over copying the input; 3x the
     # steps with --depth-metric, or 3000 with --depth-metric --depth-weight 0.3: 1.78-1.80 dB,
-    # short of 2; that plus --dist-weight 1: 2.08 dB, but P0 depth Pearson 0.935-0.945:
+    # short of 2; that plus --dist-weight 1: 2.08 dB, but P0 depth Pearson 0.935-0.945;
+    # with --depth-weight 0.5 instead: 2.01 dB and Pearson 0.956-0.958, metric depth only:
     # README). No adversarial loss: it costs time (40-42 min per run instead of 26-33, two at
     # a time) and, even in base's setting, 0.15 dB of novel-view PSNR for a sharper metric
     # (README, Results);
