@@ -289,23 +289,24 @@ class AutoEncoder(nn.Module):
     def decode(self, z):
         return self.decoder(z)                                               # (B, 3, C, R, R)
 
-    def render(self, planes, cam2world, res=None, perturb=False):
+    def render(self, planes, cam2world, res=None, perturb=False, with_distortion=False):
         """Render triplanes from cameras (B, 4, 4). res: output size (default config res);
         the volume renderer runs at res * render_res / config res, the upsampler does the rest.
-        Returns image (B, 3, res, res), raw (the 3D-consistent low-res RGB), depth, opacity,
-        distortion (render.render's maps at the volume renderer's resolution)."""
+        Returns image (B, 3, res, res), raw (the 3D-consistent low-res RGB), depth, opacity, and
+        with with_distortion=True distortion (render.render's maps at its resolution)."""
         c = self.config
         res = res or c["res"]
         low = max(1, res * c["render_res"] // c["res"])
         out = render.render(planes, self.field, cam2world, c["fov_deg"], low, radius=c["radius"],
                             n_coarse=c["n_coarse"], n_fine=c["n_fine"], perturb=perturb,
-                            contraction=c["contraction"], compile=self.compile)
+                            contraction=c["contraction"], compile=self.compile,
+                            with_distortion=with_distortion)
         feats = out["features"]                                              # (B, F, low, low)
         image = self.upsampler(feats)
         if image.shape[-1] != res:                                           # odd output sizes
             image = F.interpolate(image, size=res, mode="bilinear", align_corners=False)
         return dict(image=image, raw=feats[:, :3], depth=out["depth"], opacity=out["opacity"],
-                    distortion=out["distortion"])
+                    distortion=out.get("distortion"))
 
     def P0(self, n):
         """The input camera, n times: (n, 4, 4)."""
@@ -1050,7 +1051,8 @@ def autoencoder_loss(model, disc, image, depth, args, adv_on, lpips_fn):
     # 2. Decode into a triplane and render it from P0, the input camera: in view space
     #    every photo was taken from the same pose, so no camera is ever estimated.
     planes = model.decode(z)                                                 # (B, 3, C, R, R)
-    rec = model.render(planes, model.P0(B).to(device), perturb=True)
+    rec = model.render(planes, model.P0(B).to(device), perturb=True,
+                       with_distortion=args.dist_weight > 0)
     loss_rgb = (rec["image"] - image).abs().mean()
     # The raw low-res RGB is the exactly 3D-consistent image: supervise it as well,
     # against the photo area-averaged down to its size.

@@ -308,7 +308,7 @@ def default_bounds(radius):
 
 def render(planes, field, cam2world, fov_deg, res, radius=None, n_coarse=48, n_fine=48,
            near=None, far=None, lin_frac=0.5, perturb=False, contraction="linf",
-           chunk=65536, compile=False):
+           chunk=65536, compile=False, with_distortion=False):
     """Volume-render triplanes from cameras.
 
     planes     (B, 3, C, R, R) triplane features (xy, xz, yz planes over contracted space)
@@ -322,8 +322,8 @@ def render(planes, field, cam2world, fov_deg, res, radius=None, n_coarse=48, n_f
 
     Returns dict of (B, ., H, W) maps: features (F channels), depth (z-depth along the camera's
     optical axis, world units; composited as sum_i w_i z_i, so it shrinks towards 0 where the
-    opacity is below 1), opacity, and distortion (how spread out each ray's weights are,
-    `distortion`: a training loss).
+    opacity is below 1), opacity; with_distortion=True also distortion (how spread out each
+    ray's weights are, `distortion`: a training loss, so not computed unless asked).
     """
     B = planes.shape[0]
     if cam2world.shape != (B, 4, 4):
@@ -340,7 +340,7 @@ def render(planes, field, cam2world, fov_deg, res, radius=None, n_coarse=48, n_f
     origins, dirs = get_rays(cam2world, fov_deg, res)                       # (B, HW, 3) each
     # z-depth of a point at distance t along the unit ray is t * cos(angle to optical axis).
     cos = (dirs * cam2world[:, None, :3, 2]).sum(-1, keepdim=True)          # (B, HW, 1)
-    outputs = []
+    outputs, spreads = [], []
     step = max(1, chunk // B)
     for i in range(0, origins.shape[1], step):
         o, d = origins[:, i:i + step], dirs[:, i:i + step]                  # (B, N, 3)
@@ -380,11 +380,15 @@ def render(planes, field, cam2world, fov_deg, res, radius=None, n_coarse=48, n_f
                      (w[..., None, n_coarse:] @ feat_f)).squeeze(-2)
             dist = (w_sorted * t_all).sum(-1, keepdim=True)
             opacity = w_sorted.sum(-1, keepdim=True)
-        spread = distortion(w_sorted, t_all, near, far)                    # (B, N, 1)
-        outputs.append(torch.cat([feats, dist * cos[:, i:i + step], opacity, spread], -1))
-    out = torch.cat(outputs, 1).transpose(1, 2).unflatten(-1, (res, res))  # (B, F+3, H, W)
-    return dict(features=out[:, :-3], depth=out[:, -3:-2], opacity=out[:, -2:-1],
-                distortion=out[:, -1:])
+        if with_distortion:
+            spreads.append(distortion(w_sorted, t_all, near, far))         # (B, N, 1)
+        outputs.append(torch.cat([feats, dist * cos[:, i:i + step], opacity], -1))
+    to_maps = lambda x: torch.cat(x, 1).transpose(1, 2).unflatten(-1, (res, res))
+    out = to_maps(outputs)                                                  # (B, F+2, H, W)
+    maps = dict(features=out[:, :-2], depth=out[:, -2:-1], opacity=out[:, -1:])
+    if with_distortion:
+        maps["distortion"] = to_maps(spreads)                               # (B, 1, H, W)
+    return maps
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def test_shapes_and_dtypes_of_the_tiny_and_small_presets():
     assert z.shape == (2, 4, 8, 8) and z.dtype == torch.float32
     planes = model.decode(z)
     assert planes.shape == (2, 3, 16, 32, 32)
-    out = model.render(planes, model.P0(2))
+    out = model.render(planes, model.P0(2), with_distortion=True)
     assert out["image"].shape == (2, 3, 32, 32) and out["raw"].shape == (2, 3, 32, 32)
     assert out["depth"].shape == out["opacity"].shape == out["distortion"].shape == (2, 1, 32, 32)
     assert out["distortion"].min() >= 0
