@@ -180,8 +180,8 @@ def bench_ae_step(device, args):
     """One autoencoder training step at the `--ae-preset` size: encode, decode, render P0 and a
     novel view, L1 + depth + generator loss, discriminator step; images/s and peak memory."""
     import autoencoder as ae
-    a = ae.get_args(["--preset", args.ae_preset])
-    ae.set_camera(a, None)                            # the defaults for photos
+    a = ae.get_args(["--preset", args.ae_preset, "--no-depth-metric"])
+    ae.set_camera(a, None)                            # the defaults for photos (losses, camera)
     a.adv_weight = max(a.adv_weight, 0.05)            # always time the adversarial part too
     model, disc, opt, opt_d = ae.build(a, device)     # the training script's own step below
     if args.compile:
@@ -370,8 +370,8 @@ def bench_budget(device, args):
     import diffusion
     rows = []
     for preset in ("tiny", "small", "base"):
-        a = ae.get_args(["--preset", preset])
-        ae.set_camera(a, None)                        # the defaults for photos
+        a = ae.get_args(["--preset", preset, "--no-depth-metric"])
+        ae.set_camera(a, None)                        # the defaults for photos (losses, camera)
         a.adv_weight = max(a.adv_weight, 0.05)        # the full step: novel view + D
         # R1's double backward through D is left out: FlopCounterMode cannot follow the
         # autograd.grad inside a counted backward. It is not small: a quarter of the base

@@ -201,6 +201,21 @@ def test_dist_weight_adds_the_rendered_distortion_to_the_loss():
     assert torch.allclose(losses[0.5] - losses[0.0], 0.5 * logs["dist"], rtol=1e-4)
 
 
+def test_depth_losses_follow_what_the_depth_maps_are(scenes, tmp_path):
+    """Synthetic scenes (no --data, or a folder with scenes.json) carry true depth: metric depth
+    loss at 0.5 plus the distortion loss at 1. Photos (no scenes.json): the aligned depth loss
+    at 1 and no distortion. An explicit flag picks the other set, and a given weight stays."""
+    losses = lambda a: (a.depth_metric, a.depth_weight, a.dist_weight)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    assert losses(ae.get_args(["--preset", "tiny"])) == (True, 0.5, 1.0)
+    assert losses(ae.get_args(["--preset", "tiny", "--data", scenes])) == (True, 0.5, 1.0)
+    assert losses(ae.get_args(["--preset", "tiny", "--data", str(photos)])) == (False, 1.0, 0.0)
+    assert losses(ae.get_args(["--no-depth-metric"])) == (False, 1.0, 0.0)
+    assert losses(ae.get_args(["--data", str(photos), "--depth-metric"])) == (True, 0.5, 1.0)
+    assert losses(ae.get_args(["--dist-weight", "0.1", "--depth-weight", "2"])) == (True, 2, 0.1)
+
+
 def test_depth_colours_ignore_rays_that_hit_nothing():
     """A ramp of depths 2..4 with a two-column strip of empty rays (rendered depth ~0): the ramp
     still spans the colour map from near (dark) to far (bright), and the strip gets the far
