@@ -10,7 +10,7 @@ generate z. No camera poses are ever needed: everything lives in view space (REA
 Conventions).
 
     python autoencoder.py --preset tiny                       # 2-core CPU: 8-27 min (README)
-    python autoencoder.py --preset small                      # 64 px, 2-core CPU: 36.8 min
+    python autoencoder.py --preset small                      # 64 px, 2-core CPU: 37-51 min
     python autoencoder.py --data photos/ --out runs/ae        # one GPU, 256 px
     python autoencoder.py --data photos/ --amp bf16 --compile # bf16 + torch.compile, any device
     torchrun --nproc_per_node=4 autoencoder.py --data photos/ # 4 GPUs, data parallel
@@ -615,8 +615,8 @@ PRESETS = {
                  dec_heads=4, plane_ch=16, plane_res=32, hidden=32, feat_ch=16, up_ch=32,
                  n_coarse=16, n_fine=16, batch=8, lr=1e-3, steps=3000, disc_ch=16,
                  n_scenes=1000, every=500, adv_weight=0.0, disc_augment=False, ema=0.999),
-    # 64 px on a laptop CPU (both stages 51.6 min alone on 2 cores, the autoencoder 36.8 of
-    # them; README): the volume renderer stays at tiny's 32 px and the upsampler doubles it
+    # 64 px on a laptop CPU (both stages 51.6-66.9 min alone on 2 cores, the autoencoder
+    # 36.8-50.5 of them, on different days; README): the volume renderer stays at tiny's 32 px and the upsampler doubles it
     # (the paper's low-res render + super-resolution, at small scale); z 8x8x8, so the
     # diffusion model runs on an 8x8 grid like tiny's. The two convolution stacks that run at
     # 64 px are half tiny's width: a step costs 1.4x tiny's. 6000 steps with a short average

@@ -9,7 +9,7 @@ decoder. What diffusion buys over a 3D GAN is *coverage*: the model is trained t
 training latent, so it cannot drop modes of the data the way a generator can (paper Sec. 1, 4).
 
     python diffusion.py --ae runs/ae-tiny/ckpt.pt --preset tiny     # 2-core CPU: 5-20 min
-    python diffusion.py --ae runs/ae-small/ckpt.pt --preset small   # 64 px, 2-core CPU: 14.1 min
+    python diffusion.py --ae runs/ae-small/ckpt.pt --preset small   # 64 px, 2-core CPU: 14-15 min
     python diffusion.py --ae runs/ae/ckpt.pt --out runs/ldm         # one GPU
     torchrun --nproc_per_node=4 diffusion.py --ae runs/ae/ckpt.pt   # 4 GPUs, data parallel
     python diffusion.py --toy                                       # 8 Gaussians: mode coverage
