@@ -545,16 +545,15 @@ def hit_disparity(depth):
     return torch.where(depth < 0.05 * median, float("nan"), disp)
 
 
-def colorize_depth(depth, lo=None, hi=None):
+def colorize_depth(depth, one_range=False):
     """(B, 1, H, W) depth -> (B, 3, H, W) in [-1, 1] through matplotlib's viridis, near = dark.
-    Inverse depth is stretched between lo and hi, by default each image's own 2nd and 98th
-    percentile of the rays that hit something (pass fixed values to colour a whole video on
-    one scale); empty rays get the far end's colour."""
+    Inverse depth is stretched between the 2nd and 98th percentile of the rays that hit
+    something: each image's own, or with one_range=True the whole batch's (a video on one
+    scale, so a change of colour is a change of depth); empty rays get the far end's colour."""
     import matplotlib
     disp = hit_disparity(depth)
-    if lo is None or hi is None:
-        lo = disp.flatten(1).nanquantile(0.02, dim=1)[:, None, None, None]
-        hi = disp.flatten(1).nanquantile(0.98, dim=1)[:, None, None, None]
+    flat = disp.flatten() if one_range else disp.flatten(1)         # (B*H*W) or (B, H*W)
+    lo, hi = (flat.nanquantile(q, dim=-1).reshape(-1, 1, 1, 1) for q in (0.02, 0.98))
     disp = disp.nan_to_num(0.0)                                     # empty: infinitely far
     x = (1 - ((disp - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1))[:, 0]
     rgb = matplotlib.colormaps["viridis"](x.cpu().numpy())[..., :3]
@@ -735,9 +734,7 @@ def set_depth_losses(args):
     scenes.json), aligned for anything else, and each one's weights (DEPTH_LOSSES)."""
     if args.depth_metric is None:
         args.depth_metric = args.data is None or scenes.read_scene_meta(args.data) is not None
-    for k, v in DEPTH_LOSSES[args.depth_metric].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    fill_open(args, DEPTH_LOSSES[args.depth_metric])
 
 
 def add_runtime_args(p, what):
@@ -759,7 +756,12 @@ def add_runtime_args(p, what):
 
 def apply_preset(args, presets):
     """Fill every flag left at None with the chosen preset's value."""
-    for k, v in presets[args.preset].items():
+    return fill_open(args, presets[args.preset])
+
+
+def fill_open(args, values):
+    """Set each flag named in `values` that the command line left at None."""
+    for k, v in values.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     return args

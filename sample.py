@@ -138,8 +138,7 @@ def render_frames(ae_model, planes, cams, chunk=16, res=None):
 def depth_colours(depths, size):
     """Depth maps (F, 1, h, w) -> colour images (F, 3, size, size) in [-1, 1] on ONE range for
     the whole sequence, so a change of colour is a change of depth (near = dark)."""
-    disp = ae.hit_disparity(depths)                           # NaN where a ray hit nothing
-    cmap = ae.colorize_depth(depths, disp.nanquantile(0.02), disp.nanquantile(0.98))
+    cmap = ae.colorize_depth(depths, one_range=True)
     return F.interpolate(cmap, size=size, mode="nearest")
 
 
