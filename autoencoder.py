@@ -533,25 +533,33 @@ def save_image(x, path):
     Image.fromarray(arr).save(path)
 
 
-def hit_disparity(depth):
-    """Depth (B, 1, H, W) -> disparity (B, 1, H, W) with NaN where the ray hit nothing.
+def hit_disparity(depth, opacity=None):
+    """Depth (B, 1, H, W) -> disparity (B, 1, H, W) of the surface each ray hits, NaN where the
+    ray hit nothing.
 
-    A ray through empty space renders depth sum_i w_i z_i ~ 0 (all its weights ~ 0), which as
-    a disparity would be the *nearest* thing in the picture; a thin strip of such rays (a novel
-    view looking past the edge of what the input saw) then stretches a percentile scale until
-    everything else is one colour. Depth under 5% of the image's median counts as empty."""
+    The renderer composites depth as sum_i w_i z_i, so a ray of opacity a = sum_i w_i < 1 renders
+    a times the depth of what it hit: a ray through empty space renders ~0, and a half-opaque
+    one (a novel view grazing the edge of what the input saw) half its surface's depth. Drawn
+    as it is, either would read as the *nearest* thing in the picture, and a thin strip of them
+    stretches a percentile scale until everything else is one colour. With the opacity, each
+    ray's depth is divided by it (where its weight sits) and rays under 5% opacity count as
+    empty; without it, depth under 5% of the image's median counts as empty."""
+    if opacity is not None:
+        surface = depth / opacity.clamp_min(1e-6)                   # sum_i w_i z_i / sum_i w_i
+        return torch.where(opacity < 0.05, float("nan"), 1.0 / surface.clamp_min(1e-3))
     median = depth.flatten(1).median(1).values[:, None, None, None]
     disp = 1.0 / depth.clamp_min(1e-3)
     return torch.where(depth < 0.05 * median, float("nan"), disp)
 
 
-def colorize_depth(depth, one_range=False):
+def colorize_depth(depth, opacity=None, one_range=False):
     """(B, 1, H, W) depth -> (B, 3, H, W) in [-1, 1] through matplotlib's viridis, near = dark.
-    Inverse depth is stretched between the 2nd and 98th percentile of the rays that hit
+    Inverse depth (of the surface hit, when the rays' opacity (B, 1, H, W) is given:
+    hit_disparity) is stretched between the 2nd and 98th percentile of the rays that hit
     something: each image's own, or with one_range=True the whole batch's (a video on one
     scale, so a change of colour is a change of depth); empty rays get the far end's colour."""
     import matplotlib
-    disp = hit_disparity(depth)
+    disp = hit_disparity(depth, opacity)
     flat = disp.flatten() if one_range else disp.flatten(1)         # (B*H*W) or (B, H*W)
     lo, hi = (flat.nanquantile(q, dim=-1).reshape(-1, 1, 1, 1) for q in (0.02, 0.98))
     disp = disp.nan_to_num(0.0)                                     # empty: infinitely far
@@ -578,8 +586,8 @@ def view_grid(model, planes, yaw, path, first=()):
         out = model.render(planes, render.orbit_camera(torch.full((B,), y), torch.zeros(B),
                                                        model.config["radius"]).to(planes.device))
         views.append(out["image"])
-        depths.append(F.interpolate(colorize_depth(out["depth"]), size=res, mode="nearest")
-                      .to(planes.device))
+        cmap = colorize_depth(out["depth"], out["opacity"])                 # (B, 3, h, w)
+        depths.append(F.interpolate(cmap, size=res, mode="nearest").to(planes.device))
     cols = [*first, views[1], depths[1], *views, *depths]
     save_image(torch.cat([torch.cat(cols, -1)[b] for b in range(B)], -2), path)
 
@@ -949,7 +957,7 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def resume_from(path, kind, config, seed, upgrade=dict, **objects):
+def resume_from(path, kind, config, seed, upgrade=dict, args=None, **objects):
     """Exact resume: restore each object (model, optimiser, ...) from the entry of the same name,
     and this process's RNG state, so the run continues as if never stopped. Returns the step.
 
@@ -957,7 +965,9 @@ def resume_from(path, kind, config, seed, upgrade=dict, **objects):
     where it stopped (it depends on the step, not the processes), but the saved RNG states (one
     per process) no longer match: each process then draws a fresh one from (seed, step, rank),
     and the run goes on as a correct but no longer bit-exact continuation. `upgrade` fills in
-    the config keys an older checkpoint lacks (full_config) before comparing.
+    the config keys an older checkpoint lacks (full_config) before comparing. With `args`, the
+    flags that differ from the checkpoint's are named in one line: a loss that changed (say a
+    default that changed since the run began) is a different training from here on.
 
     No checkpoint yet: a fresh start from step 0, so that every launch of a preemptible job
     (SLURM requeue, README) can pass --resume."""
@@ -969,6 +979,12 @@ def resume_from(path, kind, config, seed, upgrade=dict, **objects):
     if upgrade(ckpt["config"]) != config:
         raise UserError(f"{path}: was trained with another model configuration (or data); "
                         f"use the same flags, or another --out")
+    saved = ckpt.get("args", {})
+    changed = [f"--{k.replace('_', '-')} {saved[k]} -> {v}" for k, v in vars(args or {}).items()
+               if k in saved and saved[k] != v and k != "resume"]
+    if changed and is_main():
+        print(f"note: {path} continues with flags other than it was trained with: "
+              + ", ".join(changed))
     for name, obj in objects.items():
         if name == "ema" and "ema" not in ckpt:     # saved without one (--ema 0, older runs):
             name = "model"                          # the average starts at today's weights
@@ -1238,7 +1254,7 @@ def train(args):
     step = 0
     if args.resume:
         step = resume_from(ckpt_path, CKPT_KIND, config, args.seed, upgrade=full_config,
-                           model=model, disc=disc, opt=opt, opt_d=opt_d, **averaged)
+                           args=args, model=model, disc=disc, opt=opt, opt_d=opt_d, **averaged)
     if args.compile:                                  # CUDA: Triton; CPU: inductor's C++
         model.encoder.compile()                       # in place: state_dict keys unchanged
         model.decoder.compile()

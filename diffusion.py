@@ -782,8 +782,8 @@ def train(args):
     torch.manual_seed(args.seed + rank())           # but each rank its own t and noise
     ckpt_path, step = os.path.join(args.out, "ckpt.pt"), 0
     if args.resume:
-        step = ae.resume_from(ckpt_path, CKPT_KIND, config, args.seed, model=model, ema=ema,
-                              opt=opt)
+        step = ae.resume_from(ckpt_path, CKPT_KIND, config, args.seed, args=args, model=model,
+                              ema=ema, opt=opt)
     if args.compile:                                # CUDA: Triton; CPU: inductor's C++
         model.net.compile()                         # in place: state_dict keys unchanged
     if is_main():

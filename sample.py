@@ -122,29 +122,30 @@ def turntable_cameras(frames, yaw, pitch, radius):
 @torch.no_grad()
 def render_frames(ae_model, planes, cams, chunk=16, res=None):
     """Render scene i from camera i: planes (N, 3, C, R, R), or (1, ...) for one scene seen from
-    every camera; cams (N, 4, 4). -> image (N, 3, H, W) in [-1, 1], depth (N, 1, h, w), on the
-    CPU. `chunk` views at a time, so memory stays flat however many frames a video has.
-    res: output size (default the model's)."""
-    images, depths = [], []
+    every camera; cams (N, 4, 4). -> image (N, 3, H, W) in [-1, 1], depth and opacity (N, 1, h,
+    w), on the CPU. `chunk` views at a time, so memory stays flat however many frames a video
+    has. res: output size (default the model's)."""
+    images, depths, opacities = [], [], []
     planes = planes.expand(len(cams), -1, -1, -1, -1)        # a view, not a copy, when N = 1
     for lo in range(0, len(cams), chunk):
         out = ae_model.render(planes[lo:lo + chunk], cams[lo:lo + chunk].to(planes.device),
                               res=res)
         images.append(out["image"].clamp(-1, 1).cpu())
         depths.append(out["depth"].cpu())
-    return torch.cat(images), torch.cat(depths)
+        opacities.append(out["opacity"].cpu())
+    return torch.cat(images), torch.cat(depths), torch.cat(opacities)
 
 
-def depth_colours(depths, size):
-    """Depth maps (F, 1, h, w) -> colour images (F, 3, size, size) in [-1, 1] on ONE range for
-    the whole sequence, so a change of colour is a change of depth (near = dark)."""
-    cmap = ae.colorize_depth(depths, one_range=True)
+def depth_colours(depths, opacities, size):
+    """Depth and opacity maps (F, 1, h, w) -> colour images (F, 3, size, size) in [-1, 1] on ONE
+    range for the whole sequence, so a change of colour is a change of depth (near = dark)."""
+    cmap = ae.colorize_depth(depths, opacities, one_range=True)
     return F.interpolate(cmap, size=size, mode="nearest")
 
 
-def side_by_side(images, depths):
+def side_by_side(images, depths, opacities):
     """RGB | colour-mapped depth, one frame each: (F, 3, H, 2W) in [-1, 1]."""
-    return torch.cat([images, depth_colours(depths, images.shape[-1])], -1)
+    return torch.cat([images, depth_colours(depths, opacities, images.shape[-1])], -1)
 
 
 def to_uint8(x):
@@ -177,8 +178,7 @@ def save_grid(images, path, nrow):
 def turntable(ae_model, planes, path, args):
     """One scene -> a GIF of RGB | depth along the turntable path (+ a PNG strip of it)."""
     cams = turntable_cameras(args.frames, args.yaw, args.pitch, ae_model.config["radius"])
-    images, depths = render_frames(ae_model, planes, cams)
-    frames = side_by_side(images, depths)
+    frames = side_by_side(*render_frames(ae_model, planes, cams))
     # and a PNG strip of 6 evenly spaced frames, for pages that cannot show a GIF
     save_grid(frames[::math.ceil(len(frames) / 6)], path[:-4] + "_strip.png", 6)
     return save_gif(frames, path, args.fps)
@@ -207,13 +207,13 @@ def viewer_cameras(yaws, pitches, radius):
 def viewer_sprites(ae_model, planes, yaws=VIEWER_YAWS, pitches=VIEWER_PITCHES, res=None):
     """One scene (1, 3, C, R, R) -> RGB and depth sprites, uint8 (P * res, Y * res, 3) each."""
     cams = viewer_cameras(yaws, pitches, ae_model.config["radius"])
-    images, depths = render_frames(ae_model, planes, cams, res=res)           # (P*Y, 3, H, W)
+    images, depths, opacities = render_frames(ae_model, planes, cams, res=res)  # (P*Y, ., H, W)
     P, Y, W = len(pitches), len(yaws), images.shape[-1]
 
     def sprite(x):                                     # (P*Y, 3, H, W) -> (P*H, Y*W, 3)
         return to_uint8(x).reshape(P, Y, W, W, 3).transpose(0, 2, 1, 3, 4).reshape(
             P * W, Y * W, 3)
-    return sprite(images), sprite(depth_colours(depths, W))
+    return sprite(images), sprite(depth_colours(depths, opacities, W))
 
 
 def png_data_uri(arr):
@@ -375,15 +375,15 @@ def generate(ae_model, ldm, args, device):
     planes = ae_model.decode(z)                                          # (n, 3, C, R, R)
     radius = ae_model.config["radius"]
     written = []
-    p0, _ = render_frames(ae_model, planes, ae_model.P0(args.n))         # (n, 3, H, W)
+    p0 = render_frames(ae_model, planes, ae_model.P0(args.n))[0]         # (n, 3, H, W)
     written.append(save_grid(p0, os.path.join(args.out, "grid.png"),
                              math.ceil(math.sqrt(args.n))))
     yaws = torch.linspace(-args.yaw, args.yaw, 5)
     rows = []                                  # per sample: 5 views, then their 5 depth maps
     for i in tqdm(range(args.n), desc="rendering", leave=False):
-        images, depths = render_frames(ae_model, planes[i:i + 1],
-                                       render.orbit_camera(yaws, torch.zeros(5), radius))
-        cmap = depth_colours(depths, images.shape[-1])                   # (5, 3, H, W)
+        images, depths, opacities = render_frames(
+            ae_model, planes[i:i + 1], render.orbit_camera(yaws, torch.zeros(5), radius))
+        cmap = depth_colours(depths, opacities, images.shape[-1])        # (5, 3, H, W)
         rows.append(torch.cat([*images, *cmap], -1))                     # (3, H, 10W)
     written.append(save_grid(torch.stack(rows), os.path.join(args.out, "multiview.png"), 1))
     gifs = [turntable(ae_model, planes[i:i + 1], os.path.join(args.out, f"turntable_{i:03d}.gif"),
@@ -449,9 +449,8 @@ def interpolate(ae_model, ldm, args, device):
     z = torch.cat([diffusion.ddim_sample(ldm, None, args.steps, noise=noise[lo:lo + 16])
                    for lo in range(0, args.frames, 16)])
     cams = turntable_cameras(args.frames, args.yaw, args.pitch, ae_model.config["radius"])
-    images, depths = render_frames(ae_model, ae_model.decode(z), cams)    # frame i: latent i
-    path = save_gif(side_by_side(images, depths), os.path.join(args.out, "interpolation.gif"),
-                    args.fps)
+    frames = side_by_side(*render_frames(ae_model, ae_model.decode(z), cams))  # frame i: z i
+    path = save_gif(frames, os.path.join(args.out, "interpolation.gif"), args.fps)
     print(f"wrote {path} ({args.frames} frames)")
     return dict(gif=path, z=z, ends=ends)
 
@@ -547,7 +546,7 @@ def metrics(ae_model, planes, args):
     c = ae_model.config
     near = render.default_bounds(c["radius"])[0]
     far = 2 * c["radius"]
-    _, depth = render_frames(ae_model, planes, ae_model.P0(len(planes)))   # (n, 1, h, w)
+    depth = render_frames(ae_model, planes, ae_model.P0(len(planes)))[1]   # (n, 1, h, w)
     result = dict(nfs=nfs(depth, near, far), n=len(planes))
     print(f"NFS (64 bins, depth in [{near:.2f}, {far:.2f}]): {result['nfs']:.2f}  over "
           f"{len(planes)} samples")
@@ -572,8 +571,8 @@ def metrics(ae_model, planes, args):
     fake_dir = os.path.join(args.out, "fid_views")
     os.makedirs(fake_dir, exist_ok=True)
     torch.manual_seed(args.seed)                          # one random novel view per sample
-    views, _ = render_frames(ae_model, planes, ae.random_cameras(len(planes), args.yaw,
-                                                                 args.pitch, c["radius"]))
+    views = render_frames(ae_model, planes, ae.random_cameras(len(planes), args.yaw, args.pitch,
+                                                              c["radius"]))[0]
     for i, im in enumerate(views):
         ae.save_image(im, os.path.join(fake_dir, f"{i:05d}.png"))
     r = torch_fidelity.calculate_metrics(input1=fake_dir, input2=real, fid=True, kid=True,

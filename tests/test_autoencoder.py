@@ -228,6 +228,25 @@ def test_depth_colours_ignore_rays_that_hit_nothing():
     assert torch.allclose(empty, far)
 
 
+def test_depth_colours_draw_half_opaque_rays_at_their_surface():
+    """The ramp again, its columns 10-13 rendered at half opacity (depth sum_i w_i z_i = half
+    the surface's) and 14-15 empty (opacity 1%). Given the opacity, every ray is drawn at the
+    depth of what it hit, exactly as the fully opaque ramp is, and the empty ones far; without
+    it the half-opaque strip reads as the nearest thing in the picture."""
+    surface = torch.linspace(2, 4, 16).view(1, 1, 1, 16).expand(1, 1, 16, 16).clone()
+    opacity = torch.ones_like(surface)
+    opacity[..., 10:14], opacity[..., 14:] = 0.5, 0.01
+    depth = surface * opacity                                         # what the renderer gives
+    rgb = ae.colorize_depth(depth, opacity)                           # (1, 3, 16, 16)
+    truth = ae.colorize_depth(surface[..., :14], torch.ones(1, 1, 16, 14))
+    assert torch.allclose(rgb[..., :14], truth, atol=1e-6)
+    assert torch.allclose(rgb[..., 14:], truth[..., 13:14].expand(-1, -1, -1, 2), atol=1e-6)
+    import matplotlib
+    nearest = torch.tensor(matplotlib.colormaps["viridis"](0.0)[:3]).float() * 2 - 1
+    assert torch.allclose(ae.colorize_depth(depth)[0, :, 8, 10], nearest, atol=1e-6)
+    assert (rgb[0, :, 8, 10] - nearest).abs().sum() > 1.0
+
+
 def test_scale_shift_alignment_is_exact():
     pred = torch.rand(4, 100)
     s_true = torch.tensor([[0.5], [2.0], [3.0], [10.0]])
@@ -568,7 +587,7 @@ def test_workers_and_resume_give_the_batches_of_one_straight_run(scenes):
     assert 0 < sum(m for _, m in keys) < len(keys)
 
 
-def test_resume_with_another_number_of_processes_is_announced(scenes, tmp_path, capsys):
+def test_resume_with_other_processes_or_flags_is_announced(scenes, tmp_path, capsys):
     # --resume before any checkpoint exists (a preemptible job's first launch): from step 0.
     ae.train(micro_args(scenes, tmp_path, "--steps", "2", "--every", "2", "--adv-weight", "0",
                         "--resume"))
@@ -578,8 +597,14 @@ def test_resume_with_another_number_of_processes_is_announced(scenes, tmp_path, 
     ck["rng"] = ck["rng"] * 2                         # as if saved by two processes
     torch.save(ck, tmp_path / "ckpt.pt")
     run = ae.train(micro_args(scenes, tmp_path, "--steps", "3", "--every", "3",
-                              "--adv-weight", "0", "--resume"))
-    assert "saved by 2 process(es), this run has 1" in capsys.readouterr().out
+                              "--adv-weight", "0", "--resume", "--dist-weight", "0.5"))
+    out = capsys.readouterr().out
+    assert "saved by 2 process(es), this run has 1" in out
+    # and the flags that changed since the checkpoint, each named once (a loss among them;
+    # --adv-start follows --steps, a third of it)
+    note = next(line for line in out.splitlines() if "continues with flags other" in line)
+    assert sorted(note.split("trained with: ")[1].split(", ")) == [
+        "--adv-start 0 -> 1", "--dist-weight 1.0 -> 0.5", "--every 2 -> 3", "--steps 2 -> 3"]
     assert run["history"][-1]["step"] == 3
 
 
