@@ -979,8 +979,8 @@ def resume_from(path, kind, config, seed, upgrade=dict, args=None, **objects):
     if upgrade(ckpt["config"]) != config:
         raise UserError(f"{path}: was trained with another model configuration (or data); "
                         f"use the same flags, or another --out")
-    saved = ckpt.get("args", {})
-    changed = [f"--{k.replace('_', '-')} {saved[k]} -> {v}" for k, v in vars(args or {}).items()
+    saved, now = ckpt.get("args", {}), vars(args) if args is not None else {}
+    changed = [f"--{k.replace('_', '-')} {saved[k]} -> {v}" for k, v in now.items()
                if k in saved and saved[k] != v and k != "resume"]
     if changed and is_main():
         print(f"note: {path} continues with flags other than it was trained with: "
