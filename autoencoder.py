@@ -231,22 +231,32 @@ class Upsampler(nn.Module):
     """Low-res feature image (B, F, r, r) -> RGB (B, 3, res, res), as EG3D's super-resolution.
 
     Predicts a residual over the bilinearly upsampled raw RGB, so it adds detail but starts from
-    (and stays close to) the 3D-consistent render.
+    (and stays close to) the 3D-consistent render. With highpass=True (`--sr-highpass`) the
+    residual has zero mean over every factor x factor block of output pixels, i.e. over every
+    render pixel: the CNN may add detail finer than the render, never change its colours. The
+    CNN is trained at P0 only, and a colour correction it learns there is not 3D-consistent: on
+    small autoencoders the residual's block means gave +0.3 to +0.6 dB at P0 and cost 0.1 to
+    0.3 dB at yaw +-20 (README, Results).
     """
 
-    def __init__(self, c_in, ch, factor):
+    def __init__(self, c_in, ch, factor, highpass=False):
         super().__init__()
         layers = [nn.Conv2d(c_in, ch, 3, padding=1), ResBlock(ch, ch)]
         for _ in range(int(math.log2(factor))):
             layers += [upsample(ch), ResBlock(ch, ch)]
         self.net = nn.Sequential(*layers, norm(ch), nn.SiLU(), nn.Conv2d(ch, 3, 3, padding=1))
-        self.factor = factor
+        self.factor, self.highpass = factor, highpass
 
     def forward(self, feats):
         raw = feats[:, :3]
         base = raw if self.factor == 1 else F.interpolate(raw, scale_factor=self.factor,
                                                           mode="bilinear", align_corners=False)
-        return base + self.net(feats)
+        residual = self.net(feats)                                           # (B, 3, res, res)
+        if self.highpass:
+            # minus each block's mean: r - up(avg_pool(r)), so avg_pool(residual) = 0 exactly
+            block_mean = F.avg_pool2d(residual, self.factor)                 # (B, 3, low, low)
+            residual = residual - F.interpolate(block_mean, scale_factor=self.factor)
+        return base + residual
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +279,8 @@ class AutoEncoder(nn.Module):
                                centre=c["plane_layout"] == "centre",
                                axis=c["plane_decode"] == "axis")
         self.field = Field(c["plane_ch"], c["hidden"], c["feat_ch"], c["field_layers"])
-        self.upsampler = Upsampler(c["feat_ch"], c["up_ch"], c["res"] // c["render_res"])
+        self.upsampler = Upsampler(c["feat_ch"], c["up_ch"], c["res"] // c["render_res"],
+                                   highpass=c["sr_highpass"])
         self.compile = False                          # set by the training script (--compile)
 
     def posterior(self, image, depth=None):
@@ -315,7 +326,7 @@ class AutoEncoder(nn.Module):
 
 # Model settings added after the first checkpoints were written, with the value those older
 # checkpoints were trained with: they load, and resume, as what they were.
-ADDED_LATER = dict(plane_layout="full", plane_decode="grid", field_layers=1)
+ADDED_LATER = dict(plane_layout="full", plane_decode="grid", field_layers=1, sr_highpass=False)
 
 
 def full_config(config):
@@ -671,6 +682,8 @@ def get_args(argv=None):
       "tiny no better than grid: README)")
     a("--field-layers", type=int, default=1, help="hidden layers of the field MLP (on tiny, 2 "
       "learned slower and lost 1.2 dB at yaw +-20: README)")
+    a("--sr-highpass", action="store_true", help="the upsampler may add detail finer than a "
+      "render pixel but not change the render's colours (Upsampler; README)")
     # losses
     a("--depth-metric", action=argparse.BooleanOptionalAction, default=None, help="the depth "
       "maps are in the camera's units: no scale-and-shift alignment in the depth loss "
@@ -796,6 +809,8 @@ def check_args(args):
          "--plane-layout centre needs --plane-res at least twice --z-res (or --plane-layout full)")
     need(args.dec_dim % args.dec_heads == 0, "--dec-dim must be divisible by --dec-heads")
     need(args.feat_ch >= 3, "--feat-ch must be at least 3 (the raw RGB)")
+    need(not args.sr_highpass or args.res > args.render_res, "--sr-highpass needs an "
+         "upsampler that enlarges (--res above --render-res, e.g. --preset small)")
     need(0 < (args.fov_deg or 40) < 179, "--fov-deg must be in (0, 179)")
     need(0 <= args.ema < 1, "--ema must be in [0, 1)")
     need(min(args.depth_weight, args.dist_weight, args.adv_weight, args.kl_weight,
@@ -810,7 +825,7 @@ def model_config(args):
     c.update(fov_deg=args.fov_deg, radius=args.radius, contraction=args.contraction,
              depth_input=args.depth_input)
     c.update(plane_layout=args.plane_layout, plane_decode=args.plane_decode,
-             field_layers=args.field_layers)          # older checkpoints: ADDED_LATER
+             field_layers=args.field_layers, sr_highpass=args.sr_highpass)  # older: ADDED_LATER
     return c
 
 

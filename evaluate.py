@@ -134,6 +134,12 @@ def relief(pred, true):
     return (a * b).sum(1) / a.square().sum(1).clamp_min(1e-12)
 
 
+def enlarge(raw, like):
+    """The raw low-res RGB (B, 3, r, r) bilinearly enlarged to the size of `like`, in [-1, 1]."""
+    return F.interpolate(raw, size=like.shape[-2:], mode="bilinear",
+                         align_corners=False).clamp(-1, 1)
+
+
 def load_view(stem, res):
     """A held-out novel view's true image (1, 3, res, res) in [-1, 1] and z-depth (1, 1, res,
     res), resized like data.py resizes photos (bicubic) and depth maps (nearest)."""
@@ -148,10 +154,11 @@ def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, pitch_only=10.0,
     """Score novel-view synthesis on ROOT/_heldout (made by `scenes.py --heldout`).
 
     For every held-out scene: PSNR of the reconstruction at P0 (the ceiling of the novel
-    views). For every held-out view: PSNR of the model's render, of the input copied as is,
-    of the input forward-warped by its true depth, of the model's reconstruction warped
-    the same way (recwarp) and by the model's own P0 depth (ownwarp), and of the model's raw
-    low-res RGB before the 2D refinement (raw), against the true render; at |yaw| =
+    views) and of the raw low-res RGB there (raw_recon). For every held-out view: PSNR of the
+    model's render, of the input copied as is, of the input forward-warped by its true depth,
+    of the model's reconstruction warped the same way (recwarp) and by the model's own P0
+    depth (ownwarp), and of the model's raw low-res RGB before the 2D refinement (raw),
+    against the true render; at |yaw| =
     yaw_only (pitch 0) also split into the pixels the input saw and the disoccluded ones
     (seen_by_input), and at |pitch| = pitch_only (yaw 0) on its own; the Pearson correlation
     of the model's P0 depth with the true depth, and the slope of one on the other (relief: 1 =
@@ -187,6 +194,8 @@ def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, pitch_only=10.0,
         images["input"].append(image)
         images["recon"].append(p0["image"].clamp(-1, 1))
         add("psnr_recon", psnr(images["recon"][-1], image).item())         # P0: the ceiling
+        # ... and of the raw render alone: what the 2D refinement adds at P0 (at yaw: "raw")
+        add("psnr_raw_recon", psnr(enlarge(p0["raw"], image), image).item())
         name = os.path.splitext(os.path.basename(ds.files[i]))[0]
         for v in meta["views"]:
             yaw, pitch = v["yaw_deg"], v["pitch_deg"]
@@ -197,8 +206,7 @@ def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, pitch_only=10.0,
             pred = out["image"].clamp(-1, 1)
             # The raw RGB is the volume render itself, before the 2D refinement CNN: exactly
             # 3D-consistent (bilinearly enlarged where the renderer runs below the image size).
-            raw = F.interpolate(out["raw"], size=pred.shape[-2:], mode="bilinear",
-                                align_corners=False).clamp(-1, 1)
+            raw = enlarge(out["raw"], pred)
             warp = forward_warp(image, depth, cam, c["fov_deg"], c["radius"])
             # The model's own P0 reconstruction moved by the true depth: its texture with
             # perfect geometry. Against the model, the cost of its geometry; against the warp,

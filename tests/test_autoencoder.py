@@ -119,6 +119,26 @@ def test_field_layers_and_older_checkpoints_default_to_one_hidden_layer():
         ae.check_args(ae.get_args(["--preset", "tiny", "--field-layers", "0"]))
 
 
+def test_highpass_upsampler_keeps_the_renders_colour_in_every_render_pixel():
+    # --sr-highpass: the CNN's residual over the enlarged raw render averages to zero over each
+    # 2x2 block (one render pixel), so area-pooling its output gives back the pooled base; the
+    # plain upsampler (random weights) shifts those block means.
+    torch.manual_seed(0)
+    feats = torch.randn(2, 6, 8, 8)                                        # (B, F, low, low)
+    for highpass in (False, True):
+        up = ae.Upsampler(6, 8, 2, highpass=highpass)
+        with torch.no_grad():
+            up.net[-1].weight.normal_()                  # a residual far from zero, any sign
+            out = up(feats)                                                # (2, 3, 16, 16)
+        base = torch.nn.functional.interpolate(feats[:, :3], scale_factor=2, mode="bilinear")
+        shift = torch.nn.functional.avg_pool2d(out - base, 2).abs().max()
+        assert out.shape == (2, 3, 16, 16)
+        assert (shift < 1e-5) if highpass else (shift > 0.1)
+        assert (out - base).abs().max() > 0.1            # ... while it still adds detail
+    with pytest.raises(UserError, match="--sr-highpass needs an upsampler that enlarges"):
+        ae.check_args(ae.get_args(["--preset", "tiny", "--sr-highpass"]))
+
+
 def test_lazy_r1_is_taken_every_nth_step_n_times_as_strong():
     # --r1-every 4: steps 0, 4, 8... pay 4 x gamma x R1; the others pay no penalty at all.
     torch.manual_seed(0)
@@ -437,13 +457,14 @@ def _ddp_worker(rank, world, port, scenes, out):
 
 
 def test_a_checkpoint_from_before_the_newer_model_flags_loads_and_resumes(scenes, tmp_path):
-    # Checkpoints written before --plane-decode and --field-layers existed lack those config
-    # keys; they were trained with what are now the defaults, so they must load and resume.
+    # Checkpoints written before --plane-decode, --field-layers and --sr-highpass lack those
+    # config keys; they were trained with what are now the defaults, so they must load and
+    # resume.
     out = tmp_path / "old"
     ae.train(micro_args(scenes, out, "--steps", "1", "--every", "1", "--adv-weight", "0"))
     path = out / "ckpt.pt"
     ckpt = torch.load(path, weights_only=True)
-    for key in ("plane_decode", "field_layers"):
+    for key in ("plane_decode", "field_layers", "sr_highpass"):
         del ckpt["config"][key]
     torch.save(ckpt, path)
     assert ae.load(str(path)).config["field_layers"] == 1

@@ -102,6 +102,7 @@ def test_evaluate_views_reports_model_and_baselines(scenes, tmp_path):
         assert r[key.format("model")] == pytest.approx(r[key.format("copy")], abs=1e-6)
     assert r["depth_pearson"] == pytest.approx(1.0, abs=1e-5)
     assert r["psnr_recon"] == pytest.approx(100.0)        # its P0 reconstruction is exact
+    assert r["psnr_raw_recon"] == pytest.approx(100.0)    # ... and so is its raw RGB there
     assert r["depth_relief"] == pytest.approx(1.0, abs=1e-5)
     # ... and its reconstruction, warped by the true depth or by its own (the same) depth, is
     # the depth warp itself; its raw RGB is its image.
