@@ -480,14 +480,16 @@ def align_scale_shift(pred, target):
     return s, tm - s * pm
 
 
-def depth_loss(rendered, mono, metric=False):
-    """Scale-and-shift invariant depth loss (MiDaS-style), in inverse depth.
+def depth_residual(rendered, mono, metric=False):
+    """What the depth loss penalises: the rendered disparity minus the target's, both in the
+    target's standardised units, per pixel -> (B, 1, h, w).
 
-    Monocular depth is only known up to scale and shift -- for the usual estimators, affine in
-    *disparity* -- so both maps become disparity, the monocular one is standardised, and the
-    rendered one is aligned onto it by least squares before an L1. Aligning the prediction (not
-    the target) means a flat prediction cannot score zero: it fits only the mean.
-    rendered (B, 1, h, w) z-depth, mono (B, 1, H, W) depth -> scalar.
+    Scale-and-shift invariant (MiDaS-style), in inverse depth: monocular depth is only known up
+    to scale and shift -- for the usual estimators, affine in *disparity* -- so both maps become
+    disparity, the monocular one is standardised, and the rendered one is aligned onto it by
+    least squares. Aligning the prediction (not the target) means a flat prediction cannot
+    score zero: it fits only the mean.
+    rendered (B, 1, h, w) z-depth, mono (B, 1, H, W) depth.
 
     The price of the invariance: a scene rendered with half its true relief fits as well as the
     true one, and nothing else in the loss tells them apart (the GAN is meant to). metric=True
@@ -506,7 +508,32 @@ def depth_loss(rendered, mono, metric=False):
         b = -mean.flatten(1) * s
     else:
         s, b = align_scale_shift(pred, target)
-    return (s * pred + b - target).abs().mean()
+    return (s * pred + b - target).view_as(rendered)                         # (B, 1, h, w)
+
+
+def depth_loss(rendered, mono, metric=False):
+    """The depth loss: the mean absolute depth_residual (L1) -> scalar."""
+    return depth_residual(rendered, mono, metric).abs().mean()
+
+
+def depth_grad_loss(residual, scales=3):
+    """MiDaS's gradient-matching term (Ranftl et al. 2020, eq. 11) on a depth_residual
+    (B, 1, h, w) -> scalar: the mean |d/dx R| + |d/dy R| of the residual R, averaged over
+    `scales` scales (every 2^k-th pixel, k = 0 .. scales-1).
+
+    The L1 on the residual's values weighs a pixel by how far off it is; this weighs how its
+    error *changes* from pixel to pixel, i.e. the surface's local slope and shape. An error that
+    is the same everywhere (an offset) costs nothing here. A wall rendered frontal where it
+    slants, or a bump that is not in the scene, costs at every pixel of it.
+    """
+    terms = []
+    for k in range(scales):
+        r = residual[..., ::2 ** k, ::2 ** k]                                # (B, 1, h/2^k, .)
+        if min(r.shape[-2:]) < 2:                    # too coarse to have a neighbour
+            break
+        terms.append((r[..., :, 1:] - r[..., :, :-1]).abs().mean()
+                     + (r[..., 1:, :] - r[..., :-1, :]).abs().mean())
+    return torch.stack(terms).mean()
 
 
 def d_loss_fn(disc, real, fake, r1_gamma):
@@ -693,6 +720,8 @@ def get_args(argv=None):
       "(default: on for synthetic scenes, which carry true depth; off for photos)")
     a("--depth-weight", type=float, default=None, help="depth loss weight; 0 switches it off "
       "(default: 0.5 with --depth-metric, else 1)")
+    a("--depth-grad-weight", type=float, default=0.0, help="weight of MiDaS's gradient-"
+      "matching term on the depth residual (depth_grad_loss: the surfaces' local slope); 0: off")
     a("--dist-weight", type=float, default=None, help="distortion loss weight (mip-NeRF 360: "
       "one surface per ray; render.distortion); 0 switches it off (default: 1 with "
       "--depth-metric, else 0)")
@@ -816,8 +845,8 @@ def check_args(args):
          "upsampler that enlarges (--res above --render-res, e.g. --preset small)")
     need(0 < (args.fov_deg or 40) < 179, "--fov-deg must be in (0, 179)")
     need(0 <= args.ema < 1, "--ema must be in [0, 1)")
-    need(min(args.depth_weight, args.dist_weight, args.adv_weight, args.kl_weight,
-             args.lpips_weight, args.r1_gamma) >= 0,
+    need(min(args.depth_weight, args.depth_grad_weight, args.dist_weight, args.adv_weight,
+             args.kl_weight, args.lpips_weight, args.r1_gamma) >= 0,
          "loss weights must be >= 0")
     need(args.device == "cpu" or torch.cuda.is_available(),
          f"--device {args.device}: CUDA is not available here; use --device cpu")
@@ -1075,7 +1104,8 @@ def load_data(args):
     # Depth maps are needed by the depth loss, the depth input and a discriminator on depth
     # alone; by default the discriminator uses them when they exist (it then judges RGB +
     # depth) and judges RGB alone when they do not.
-    need_depth = args.depth_weight > 0 or args.depth_input or args.disc_sees == "depth"
+    need_depth = (args.depth_weight + args.depth_grad_weight > 0 or args.depth_input
+                  or args.disc_sees == "depth")
     without = ("--depth-weight 0" + (" and no --depth-input" if args.depth_input else "")
                + (" and --disc-sees rgb" if args.disc_sees == "depth" else ""))
     ds = data_mod.open_folder(root, args.res, depth=True if need_depth else "auto",
@@ -1129,9 +1159,13 @@ def autoencoder_loss(model, disc, image, depth, args, adv_on, lpips_fn):
     if lpips_fn is not None:
         logs["lpips"] = lpips_fn(rec["image"], image).mean()
         loss = loss + args.lpips_weight * logs["lpips"]
-    if args.depth_weight > 0:
-        logs["depth"] = depth_loss(rec["depth"].float(), depth, args.depth_metric)
+    if args.depth_weight > 0 or args.depth_grad_weight > 0:
+        residual = depth_residual(rec["depth"].float(), depth, args.depth_metric)
+        logs["depth"] = residual.abs().mean()                                 # depth_loss
         loss = loss + args.depth_weight * logs["depth"]
+        if args.depth_grad_weight > 0:
+            logs["depth_grad"] = depth_grad_loss(residual)
+            loss = loss + args.depth_grad_weight * logs["depth_grad"]
     if args.dist_weight > 0:
         # Expected depth can match the target while the weights are split between a ghost in
         # front and the wall behind; a novel view then shows both. The distortion loss asks
@@ -1287,8 +1321,10 @@ def train(args):
         print(f"data: {root}, {len(ds)} images at {args.res} px, depth maps: {ds.use_depth}")
         if ds.use_depth and args.depth_weight > 0:
             kind = "metric (true depth)" if args.depth_metric else "aligned (scale and shift)"
-            print(f"depth loss: {kind}, weight {args.depth_weight:g}; "
-                  f"distortion loss weight {args.dist_weight:g}")
+            print(f"depth loss: {kind}, weight {args.depth_weight:g}"
+                  + (f", gradient matching {args.depth_grad_weight:g}"
+                     if args.depth_grad_weight > 0 else "")
+                  + f"; distortion loss weight {args.dist_weight:g}")
         print(f"autoencoder {n_ae / 1e6:.2f} M parameters, discriminator {n_d / 1e6:.2f} M "
               f"(sees {DISC_SEES[disc.sees][1]}); "
               f"z = {args.z_ch}x{args.z_res}x{args.z_res}; {world()} process(es) on {device}; "

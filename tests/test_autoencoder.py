@@ -308,6 +308,21 @@ def test_depth_loss_is_scale_invariant_and_rejects_flat():
     assert ae.depth_loss(torch.full_like(depth, 2.0), depth) > 0.5
 
 
+def test_depth_gradient_matching_sees_shape_not_offset():
+    """The gradient term of a ramp residual a * x is known: |dx| = a, 2a, 4a at the strides 1,
+    2, 4 of its three scales, |dy| = 0, so (a + 2a + 4a) / 3. A rendered depth whose disparity
+    is the truth's plus a constant has an L1 (depth_loss) but no gradient term; a frontal wall
+    where the true one slants has both."""
+    ramp = 0.1 * torch.arange(32.0).expand(2, 1, 32, 32)
+    assert abs(ae.depth_grad_loss(ramp).item() - 0.7 / 3) < 1e-6
+    true = 2.0 + torch.linspace(0, 2, 32).expand(2, 1, 32, 32)   # a wall slanting away
+    offset = 1 / (1 / true + 0.1)                                # disparity + 0.1 everywhere
+    res = ae.depth_residual(offset, true, metric=True)
+    assert res.abs().mean() > 0.1 and ae.depth_grad_loss(res) < 1e-5
+    frontal = ae.depth_residual(torch.full_like(true, 3.0), true, metric=True)
+    assert ae.depth_grad_loss(frontal) > 0.05
+
+
 def test_build_is_trains_initialisation_and_one_step_changes_every_parameter(scenes, tmp_path):
     args = micro_args(scenes, tmp_path / "a", "--steps", "1", "--adv-start", "0", "--every", "1")
     args.fov_deg, args.radius = scenes_mod.SCENE_FOV, scenes_mod.SCENE_RADIUS
