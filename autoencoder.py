@@ -1106,7 +1106,9 @@ def load_data(args):
     # depth) and judges RGB alone when they do not.
     need_depth = (args.depth_weight + args.depth_grad_weight > 0 or args.depth_input
                   or args.disc_sees == "depth")
-    without = ("--depth-weight 0" + (" and no --depth-input" if args.depth_input else "")
+    without = ("--depth-weight 0"
+               + (" --depth-grad-weight 0" if args.depth_grad_weight > 0 else "")
+               + (" and no --depth-input" if args.depth_input else "")
                + (" and --disc-sees rgb" if args.disc_sees == "depth" else ""))
     ds = data_mod.open_folder(root, args.res, depth=True if need_depth else "auto",
                               verbose=is_main(), depth_help=f"or train without depth: {without}")
@@ -1159,7 +1161,7 @@ def autoencoder_loss(model, disc, image, depth, args, adv_on, lpips_fn):
     if lpips_fn is not None:
         logs["lpips"] = lpips_fn(rec["image"], image).mean()
         loss = loss + args.lpips_weight * logs["lpips"]
-    if args.depth_weight > 0 or args.depth_grad_weight > 0:
+    if args.depth_weight + args.depth_grad_weight > 0:
         residual = depth_residual(rec["depth"].float(), depth, args.depth_metric)
         logs["depth"] = residual.abs().mean()                                 # depth_loss
         loss = loss + args.depth_weight * logs["depth"]
@@ -1319,7 +1321,7 @@ def train(args):
         n_ae = sum(p.numel() for p in model.parameters())
         n_d = sum(p.numel() for p in disc.parameters())
         print(f"data: {root}, {len(ds)} images at {args.res} px, depth maps: {ds.use_depth}")
-        if ds.use_depth and args.depth_weight > 0:
+        if ds.use_depth and args.depth_weight + args.depth_grad_weight > 0:
             kind = "metric (true depth)" if args.depth_metric else "aligned (scale and shift)"
             print(f"depth loss: {kind}, weight {args.depth_weight:g}"
                   + (f", gradient matching {args.depth_grad_weight:g}"
