@@ -674,7 +674,9 @@ PRESETS = {
     # improved fast at its last steps); at 6000 the trained weights alone do not move the
     # novel views. On synthetic scenes the metric depth and distortion losses (DEPTH_LOSSES)
     # take it from 1.57 to 2.03 dB over copying at yaw +-20 (two seeds on an H100), short of
-    # 2.5: its reconstruction, 1 dB lower with them, now caps it (README).
+    # 2.5: its reconstruction, 1 dB lower with them, now caps it (README). A 64 px volume
+    # render (--render-res 64 with 8+8 samples per ray, twice the step time) scores the same
+    # at yaw +-20 (two seeds on the CPU, +0.06 dB; README).
     "small": dict(res=64, render_res=32, z_res=8, z_ch=8, enc_ch=16, dec_dim=128, dec_depth=2,
                   dec_heads=4, plane_ch=16, plane_res=32, hidden=32, feat_ch=16, up_ch=16,
                   n_coarse=16, n_fine=16, batch=8, lr=1e-3, steps=6000, disc_ch=16,
