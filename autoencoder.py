@@ -663,11 +663,12 @@ PRESETS = {
                  dec_heads=4, plane_ch=16, plane_res=32, hidden=32, feat_ch=16, up_ch=32,
                  n_coarse=16, n_fine=16, batch=8, lr=1e-3, steps=3000, disc_ch=16,
                  n_scenes=1000, every=500, adv_weight=0.0, disc_augment=False, ema=0.999),
-    # 64 px on a laptop CPU (both stages 51.6-66.9 min alone on 2 cores, the autoencoder
-    # 36.8-50.5 of them, on different days; README): the volume renderer stays at tiny's 32
-    # px and the upsampler doubles it (the paper's low-res render + super-resolution, at
-    # small scale); z 8x8x8, so the diffusion model runs on an 8x8 grid like tiny's. The two
-    # convolution stacks that run at 64 px are half tiny's width: a step costs 1.4x tiny's.
+    # 64 px on a laptop CPU (both stages 38.7-66.9 min alone on 2 cores, the autoencoder
+    # 30.1-50.5 of them, on different CPUs and days; README): the volume renderer stays at
+    # tiny's 32 px and the upsampler doubles it (the paper's low-res render +
+    # super-resolution, at small scale); z 8x8x8, so the diffusion model runs on an 8x8 grid
+    # like tiny's. The two convolution stacks that run at 64 px are half tiny's width: a step
+    # costs 1.4x tiny's.
     # 6000 steps with a short average of the weights (EMA 0.995), against 3000 steps without
     # one (two seeds): +0.19 dB at yaw +-20, +1.1 dB at pitch +-10, P0 reconstruction +2.4
     # dB, metric (b) half (README). At 3000 steps an average did not help (the model still

@@ -4,7 +4,7 @@ applications (Sec. 4): novel views of a photo, 3D-aware interpolation, generativ
 geometry export, and the metrics.
 
     python sample.py --demo                   # everything, tiny: 14-49 min on 2 cores (README)
-    python sample.py --demo --preset small    # the same at 64 px: 52-67 min on 2 cores (README)
+    python sample.py --demo --preset small    # the same at 64 px: 39-67 min on 2 cores (README)
     python sample.py --ae runs/ae/ckpt.pt --ldm runs/ldm/ckpt.pt --n 16 --out samples/
     python sample.py --ae A --ldm L --class dog --cfg 3             # class-conditional + guidance
     python sample.py --ae A --image photo.jpg                      # novel views of one photo
