@@ -5,12 +5,13 @@ WildFusion (Schwarz et al., ICLR 2024, arXiv 2311.13570), Sec. 3.1. The encoder 
 image into a small latent grid z; the decoder turns z into a triplane, a 3D feature field that is
 volume-rendered. From the input camera P0 the render must reproduce the photo (reconstruction
 loss) and its monocular depth (depth loss); from random nearby cameras, where no photo exists,
-it must look real to a discriminator (adversarial loss). Stage 2 (diffusion.py) then learns to
+it must look real to a discriminator (adversarial loss) and, with --warp-weight (not in the
+paper), agree with the photo moved there by its depth. Stage 2 (diffusion.py) then learns to
 generate z. No camera poses are ever needed: everything lives in view space (README,
 Conventions).
 
     python autoencoder.py --preset tiny                       # 2-core CPU: 8-27 min (README)
-    python autoencoder.py --preset small                      # 64 px, 2-core CPU: 37-51 min
+    python autoencoder.py --preset small                      # 64 px, 2-core CPU: 30-51 min
     python autoencoder.py --data photos/ --out runs/ae        # one GPU, 256 px
     python autoencoder.py --data photos/ --amp bf16 --compile # bf16 + torch.compile, any device
     torchrun --nproc_per_node=4 autoencoder.py --data photos/ # 4 GPUs, data parallel
@@ -26,7 +27,8 @@ Map of the file:
     4. field + upsampler   triplane features -> density, features; low-res render -> RGB
     5. the autoencoder     encode / decode / render, the public API; load()
     6. discriminator       judges (RGB, depth) of novel views against (photo, its depth)
-    7. losses              KL, depth loss (aligned for estimates, metric for true depth), GAN, R1
+    7. losses              KL, depth loss (aligned for estimates, metric for true depth),
+                           the photo warped into novel views, GAN, R1
     8. pictures            previews of novel views and depth (scores: evaluate.py)
     9. training            presets, data order, checkpoints, the EMA of the weights, the loop
 """
@@ -516,6 +518,31 @@ def depth_loss(rendered, mono, metric=False):
     return depth_residual(rendered, mono, metric).abs().mean()
 
 
+def warp_loss(novel, image, depth, p0_depth, cams, config, metric):
+    """L1 between novel views and the photo moved into their cameras by its depth, over the
+    pixels the photo saw (render.forward_warp's hits) -> scalar.
+
+    Not in the paper, whose novel views only the discriminator judges. A photo with a depth map
+    already says what a turned camera sees of its visible surfaces; this loss asks the rendered
+    view to agree, so the colours and the geometry behind them must hold up from the side, not
+    only along the input's rays. The photo is moved by its own depth map where that is in the
+    camera's units (metric: the synthetic scenes' true depth), else by the model's P0 depth
+    (detached: the target must not chase the prediction), as a monocular map's scale and shift
+    are unknown. Disoccluded pixels get no target here.
+    novel (B, 3, H, W) views from cams (B, 4, 4); image (B, 3, H, W); depth (B, 1, H, W) or
+    None; p0_depth (B, 1, h, w) the render's z-depth from P0."""
+    if metric and depth is not None:
+        by = depth
+    else:                                  # nearest: averaging would invent depths at edges
+        by = F.interpolate(p0_depth.detach(), size=image.shape[-2:], mode="nearest")
+    with torch.no_grad():
+        # splat 2: a surface the turn stretches leaves no cracks for the background to fill
+        target, hit = render.forward_warp(image.float(), by.float(), cams.float(),
+                                          config["fov_deg"], config["radius"], splat=2)
+    err = (novel.float() - target).abs().mean(1, keepdim=True)              # (B, 1, H, W)
+    return (err * hit).sum() / hit.sum().clamp_min(1)
+
+
 def depth_grad_loss(residual, scales=3):
     """MiDaS's gradient-matching term (Ranftl et al. 2020, eq. 11) on a depth_residual
     (B, 1, h, w) -> scalar: the mean |d/dx R| + |d/dy R| of the residual R, averaged over
@@ -645,8 +672,8 @@ PRESETS = {
     "base": dict(res=256, render_res=64, z_res=32, z_ch=4, enc_ch=64, dec_dim=256, dec_depth=4,
                  dec_heads=8, plane_ch=32, plane_res=128, hidden=64, feat_ch=32, up_ch=64,
                  n_coarse=48, n_fine=48, batch=16, lr=2e-4, steps=200_000, disc_ch=64,
-                 n_scenes=20000, every=1000, adv_weight=0.02, disc_augment=True,
-                 yaw_range=10.0, ema=0.9999),
+                 n_scenes=20000, every=1000, warp_weight=0.0, adv_weight=0.02,
+                 disc_augment=True, yaw_range=10.0, ema=0.9999),
     # A laptop CPU: 8-27 min on 2 cores (README): 32 px, z 4x8x8, everything small. 3000
     # steps, as at 1500 two seeds differed by 0.75 dB and at 3000 by 0.03 dB; the EMA of the
     # weights adds 0.34 dB at yaw +-20 (two seeds: 1.58 dB over copying the input with the
@@ -662,7 +689,8 @@ PRESETS = {
     "tiny": dict(res=32, render_res=32, z_res=8, z_ch=4, enc_ch=32, dec_dim=96, dec_depth=2,
                  dec_heads=4, plane_ch=16, plane_res=32, hidden=32, feat_ch=16, up_ch=32,
                  n_coarse=16, n_fine=16, batch=8, lr=1e-3, steps=3000, disc_ch=16,
-                 n_scenes=1000, every=500, adv_weight=0.0, disc_augment=False, ema=0.999),
+                 n_scenes=1000, every=500, warp_weight=0.0, adv_weight=0.0, disc_augment=False,
+                 ema=0.999),
     # 64 px on a laptop CPU (both stages 38.7-66.9 min alone on 2 cores, the autoencoder
     # 30.1-50.5 of them, on different CPUs and days; README): the volume renderer stays at
     # tiny's 32 px and the upsampler doubles it (the paper's low-res render +
@@ -682,7 +710,8 @@ PRESETS = {
     "small": dict(res=64, render_res=32, z_res=8, z_ch=8, enc_ch=16, dec_dim=128, dec_depth=2,
                   dec_heads=4, plane_ch=16, plane_res=32, hidden=32, feat_ch=16, up_ch=16,
                   n_coarse=16, n_fine=16, batch=8, lr=1e-3, steps=6000, disc_ch=16,
-                  n_scenes=1000, every=500, adv_weight=0.0, disc_augment=False, ema=0.995),
+                  n_scenes=1000, every=500, warp_weight=0.0, adv_weight=0.0, disc_augment=False,
+                  ema=0.995),
 }
 MODEL_KEYS = ("res", "render_res", "z_res", "z_ch", "enc_ch", "dec_dim", "dec_depth",
               "dec_heads", "plane_ch", "plane_res", "hidden", "feat_ch", "up_ch", "n_coarse",
@@ -732,6 +761,8 @@ def get_args(argv=None):
     a("--adv-weight", type=float, default=None, help="adversarial weight; 0 switches it off")
     a("--adv-start", type=int, default=None, help="step the adversarial loss starts "
       "(default: a third of --steps)")
+    a("--warp-weight", type=float, default=None, help="L1 weight of novel views against the "
+      "photo moved there by its depth, on the pixels it saw (warp_loss); 0: off")
     a("--raw-weight", type=float, default=1.0, help="L1 weight on the low-res raw RGB")
     a("--kl-weight", type=float, default=1e-5, help="KL weight (summed over the latent)")
     a("--lpips-weight", type=float, default=0.0, help="LPIPS weight (needs `pip install lpips`)")
@@ -850,7 +881,7 @@ def check_args(args):
     need(0 < (args.fov_deg or 40) < 179, "--fov-deg must be in (0, 179)")
     need(0 <= args.ema < 1, "--ema must be in [0, 1)")
     need(min(args.depth_weight, args.depth_grad_weight, args.dist_weight, args.adv_weight,
-             args.kl_weight, args.lpips_weight, args.r1_gamma) >= 0,
+             args.warp_weight, args.kl_weight, args.lpips_weight, args.r1_gamma) >= 0,
          "loss weights must be >= 0")
     need(args.device == "cpu" or torch.cuda.is_available(),
          f"--device {args.device}: CUDA is not available here; use --device cpu")
@@ -1178,11 +1209,17 @@ def autoencoder_loss(model, disc, image, depth, args, adv_on, lpips_fn):
         # each ray for one surface (render.distortion), with or without depth maps.
         logs["dist"] = rec["distortion"].float().mean()
         loss = loss + args.dist_weight * logs["dist"]
-    # 3. Novel views around P0: no photo exists there, so only the discriminator can
-    #    say whether the scene looks right (colour and depth) from the side.
+    # 3. Novel views around P0. No photo was taken there, but two things can judge them: the
+    #    photo itself, moved there by its depth, for the pixels it saw (--warp-weight), and the
+    #    discriminator, for what the scene looks like (colour and depth) from the side.
+    if adv_on or args.warp_weight > 0:
+        cams = random_cameras(B, args.yaw_range, args.pitch_range, args.radius).to(device)
+        nov = model.render(planes, cams, perturb=True)
+    if args.warp_weight > 0:
+        logs["warp"] = warp_loss(nov["image"], image, depth, rec["depth"], cams, model.config,
+                                 args.depth_metric)
+        loss = loss + args.warp_weight * logs["warp"]
     if adv_on:
-        cams = random_cameras(B, args.yaw_range, args.pitch_range, args.radius)
-        nov = model.render(planes, cams.to(device), perturb=True)
         fake = disc.inputs(nov["image"], nov["depth"], args.render_res)      # (B, 3|4, H, W)
         logs["g"] = F.softplus(-disc(fake)).mean()                           # non-saturating
         loss = loss + args.adv_weight * logs["g"]
@@ -1337,6 +1374,11 @@ def train(args):
               f"batch {args.batch} x {args.accum} accumulated")
         if args.lpips_weight == 0:
             print("note: LPIPS off (--lpips-weight 0); reconstruction uses L1 only")
+        if args.warp_weight > 0 or args.adv_weight > 0:
+            print(f"novel views: yaw +-{args.yaw_range:g}, pitch +-{args.pitch_range:g} deg; "
+                  f"warp loss weight {args.warp_weight:g} (moved by "
+                  f"{'its depth map' if args.depth_metric and ds.use_depth else 'P0 depth'}), "
+                  f"adversarial weight {args.adv_weight:g}")
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
     fixed = [ds[i] for i in range(min(4, len(ds)))]   # the preview's images, unmirrored
     fixed_img = torch.stack([f["image"] for f in fixed]).to(device)

@@ -17,6 +17,7 @@ used (`python evaluate.py validate`: 210 s the first time with --threads 1 on th
 
 Map of the file:
     1. novel views      PSNR, the copy and depth-warp baselines, which pixels the input saw
+                        (the warping itself is render.py's: forward_warp, seen_by_input)
     2. metric network   a small CNN that predicts a scene's parameters; its features
     3. distances        Frechet distance, KID (unbiased, jackknife standard error), precision
                         and recall (k-NN manifolds)
@@ -55,68 +56,6 @@ def psnr(a, b, mask=None):
         m = mask.float().flatten(1)
         mse = (se.flatten(1) * m).sum(1) / m.sum(1)                          # nan: no pixels
     return -10 * torch.log10(mse.clamp_min(1e-10))
-
-
-def lift(depth, cam2world, fov_deg):
-    """Every pixel of a z-depth map (B, 1, H, W) seen from cam2world (B, 4, 4) -> world points
-    (B, H*W, 3): the pixel centre's ray (u, v, 1) in camera space, scaled by its z-depth."""
-    B, _, H, W = depth.shape
-    f = render.focal_length(fov_deg, H)
-    pix = (torch.arange(H, dtype=torch.float32) + 0.5 - H / 2) / f
-    v, u = torch.meshgrid(pix, pix, indexing="ij")
-    z = depth[:, 0]                                                          # (B, H, W)
-    cam = torch.stack([u * z, v * z, z], -1).view(B, -1, 3)
-    return cam @ cam2world[:, :3, :3].transpose(1, 2) + cam2world[:, None, :3, 3]
-
-
-def project(points, cam2world, fov_deg, res):
-    """World points (B, N, 3) into a camera -> pixel column, row (long) and z-depth (B, N)."""
-    f = render.focal_length(fov_deg, res)
-    cam = (points - cam2world[:, None, :3, 3]) @ cam2world[:, :3, :3]        # world -> camera
-    z = cam[..., 2]
-    px = (cam[..., 0] / z * f + res / 2).floor().long()
-    py = (cam[..., 1] / z * f + res / 2).floor().long()
-    return px, py, z
-
-
-def forward_warp(image, depth, cam2world, fov_deg, radius):
-    """The depth-warp baseline: lift each input pixel to 3D with its depth (camera P0), project
-    it into the novel camera, and keep the nearest one per target pixel (z-buffer). Holes get
-    the image's mean colour. image (B, 3, H, W), depth (B, 1, H, W) -> (B, 3, H, W)."""
-    B, _, H, W = image.shape
-    P0 = render.orbit_camera(torch.zeros(B), torch.zeros(B), radius)
-    px, py, zc = project(lift(depth, P0, fov_deg), cam2world, fov_deg, H)
-    ok = (zc > 1e-3) & (px >= 0) & (px < W) & (py >= 0) & (py < H)
-    out = image.mean((2, 3), keepdim=True).expand(-1, -1, H, W).clone()
-    for b in range(B):
-        idx = (py[b] * W + px[b])[ok[b]]
-        zb, cols = zc[b][ok[b]], image[b].flatten(1)[:, ok[b]]
-        # z-buffer without write races: sort by depth (near first), then stably by target
-        # pixel, and keep the first source per target -- the nearest, the same on any CPU/GPU.
-        near = torch.argsort(zb)
-        by_pixel = near[torch.argsort(idx[near], stable=True)]
-        first = torch.ones_like(by_pixel, dtype=torch.bool)
-        first[1:] = idx[by_pixel][1:] != idx[by_pixel][:-1]
-        win = by_pixel[first]
-        flat = out[b].flatten(1)
-        flat[:, idx[win]] = cols[:, win]
-        out[b] = flat.view(3, H, W)
-    return out
-
-
-def seen_by_input(view_depth, cam2world, input_depth, fov_deg, radius, tol=0.03):
-    """Which pixels of a novel view the input photo saw, from the true depth of both: lift each
-    novel-view pixel to 3D, project it into P0, and call it seen when it lands inside the frame
-    at the depth the input's own depth map has there (within tol, relative). The rest are
-    disoccluded (or out of the input's frame): only a model's imagination can fill them.
-    view_depth, input_depth (B, 1, H, W), cam2world (B, 4, 4) -> bool (B, 1, H, W)."""
-    B, _, H, W = view_depth.shape
-    P0 = render.orbit_camera(torch.zeros(B), torch.zeros(B), radius)
-    px, py, z = project(lift(view_depth, cam2world, fov_deg), P0, fov_deg, H)
-    inside = (px >= 0) & (px < W) & (py >= 0) & (py < H) & (z > 1e-3)
-    flat = (py.clamp(0, H - 1) * W + px.clamp(0, W - 1))                     # (B, HW)
-    there = torch.gather(input_depth.flatten(1), 1, flat)
-    return (inside & ((z - there).abs() < tol * z)).view(B, 1, H, W)
 
 
 def pearson(a, b):
@@ -207,19 +146,20 @@ def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, pitch_only=10.0,
             # The raw RGB is the volume render itself, before the 2D refinement CNN: exactly
             # 3D-consistent (bilinearly enlarged where the renderer runs below the image size).
             raw = enlarge(out["raw"], pred)
-            warp = forward_warp(image, depth, cam, c["fov_deg"], c["radius"])
+            warp = render.forward_warp(image, depth, cam, c["fov_deg"], c["radius"])[0]
             # The model's own P0 reconstruction moved by the true depth: its texture with
             # perfect geometry. Against the model, the cost of its geometry; against the warp,
             # the cost of its texture (the reconstruction is not the photo).
-            recwarp = forward_warp(images["recon"][-1], depth, cam, c["fov_deg"], c["radius"])
+            recwarp = render.forward_warp(images["recon"][-1], depth, cam, c["fov_deg"],
+                                           c["radius"])[0]
             # ... and moved by the model's own P0 depth, as if its volume were a crisp surface
             # there: against recwarp the cost of its depth, against the model the cost of
             # rendering a soft volume (and the refinement CNN) instead of that surface.
-            ownwarp = forward_warp(images["recon"][-1], own_depth, cam, c["fov_deg"],
-                                   c["radius"])
+            ownwarp = render.forward_warp(images["recon"][-1], own_depth, cam, c["fov_deg"],
+                                          c["radius"])[0]
             the_yaw = abs(abs(yaw) - yaw_only) < 1e-6 and pitch == 0
             the_pitch = abs(abs(pitch) - pitch_only) < 1e-6 and yaw == 0
-            seen = seen_by_input(gt_depth, cam, depth, c["fov_deg"], c["radius"])
+            seen = render.seen_by_input(gt_depth, cam, depth, c["fov_deg"], c["radius"])
             for key, img in (("model", pred), ("copy", image), ("warp", warp),
                              ("recwarp", recwarp), ("ownwarp", ownwarp), ("raw", raw)):
                 score = psnr(img, gt).item()

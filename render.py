@@ -18,6 +18,8 @@ uses. Read it top to bottom:
     5. compositing composite: alpha, transmittance, weights, features, z-depth, opacity;
                    distortion: how spread out a ray's weights are (a training loss)
     6. render      the entry point: rays -> coarse pass -> fine pass -> images (B, C, H, W)
+    7. warping     forward_warp: a photo moved to another camera by its depth map (z-buffer);
+                   seen_by_input: which pixels of a novel view the photo saw
 
 Conventions (README, Conventions): OpenCV camera axes (x right, y down, z forward), `cam2world` 4x4
 matrices, square images with a field of view `fov_deg`. The world is *view space*: the pivot the
@@ -389,6 +391,85 @@ def render(planes, field, cam2world, fov_deg, res, radius=None, n_coarse=48, n_f
     if with_distortion:
         maps["distortion"] = to_maps(spreads)                               # (B, 1, H, W)
     return maps
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Moving a photo to another camera by its depth
+# ---------------------------------------------------------------------------------------------
+# A photo with a depth map is a cloud of coloured 3D points: lift every pixel along its ray to
+# its depth, then project the points into any other camera. Where they land, the photo says
+# what the new view shows (the pixels it saw); where none land, it has no say (disocclusions).
+# evaluate.py builds its depth-warp baseline from this; autoencoder.py's --warp-weight uses it
+# to check the seen pixels of its novel views against the photo itself.
+def lift(depth, cam2world, fov_deg):
+    """Every pixel of a z-depth map (B, 1, H, W) seen from cam2world (B, 4, 4) -> world points
+    (B, H*W, 3): the pixel centre's ray (u, v, 1) in camera space, scaled by its z-depth."""
+    B, _, H, W = depth.shape
+    f = focal_length(fov_deg, H)
+    pix = (torch.arange(H, dtype=torch.float32, device=depth.device) + 0.5 - H / 2) / f
+    v, u = torch.meshgrid(pix, pix, indexing="ij")
+    z = depth[:, 0]                                                          # (B, H, W)
+    cam = torch.stack([u * z, v * z, z], -1).view(B, -1, 3)
+    return cam @ cam2world[:, :3, :3].transpose(1, 2) + cam2world[:, None, :3, 3]
+
+
+def project(points, cam2world, fov_deg, res):
+    """World points (B, N, 3) into a camera -> pixel column, row (long) and z-depth (B, N)."""
+    f = focal_length(fov_deg, res)
+    cam = (points - cam2world[:, None, :3, 3]) @ cam2world[:, :3, :3]        # world -> camera
+    z = cam[..., 2]
+    px = (cam[..., 0] / z * f + res / 2).floor().long()
+    py = (cam[..., 1] / z * f + res / 2).floor().long()
+    return px, py, z
+
+
+def forward_warp(image, depth, cam2world, fov_deg, radius, splat=1):
+    """Move a photo taken from P0 into another camera: lift each pixel to 3D by its depth,
+    project it into cam2world, and keep the nearest point per target pixel (a z-buffer).
+    image (B, 3, H, W), depth (B, 1, H, W), cam2world (B, 4, 4) -> the warped image
+    (B, 3, H, W), holes filled with the photo's mean colour, and hit (B, 1, H, W), True where
+    some point landed.
+
+    splat > 1 lifts each pixel as splat x splat points spread over its footprint (the photo and
+    depth enlarged by nearest neighbour): a surface that the turn stretches, by up to `splat`
+    times, then leaves no cracks that the background behind it could show through."""
+    B, _, H, W = image.shape
+    if splat > 1:
+        image, depth = (F.interpolate(x, scale_factor=splat, mode="nearest")
+                        for x in (image, depth))                            # (B, ., sH, sW)
+    P0 = orbit_camera(torch.zeros(B), torch.zeros(B), radius).to(depth.device)
+    px, py, zc = project(lift(depth, P0, fov_deg), cam2world, fov_deg, H)    # (B, N) each
+    ok = (zc > 1e-3) & (px >= 0) & (px < W) & (py >= 0) & (py < H)
+    out = image.mean((2, 3), keepdim=True).expand(-1, -1, H, W).clone()
+    hit = torch.zeros(B, 1, H, W, dtype=torch.bool, device=image.device)
+    for b in range(B):
+        idx = (py[b] * W + px[b])[ok[b]]
+        zb, cols = zc[b][ok[b]], image[b].flatten(1)[:, ok[b]]
+        # z-buffer without write races: sort by depth (near first), then stably by target
+        # pixel, and keep the first source per target -- the nearest, the same on any CPU/GPU.
+        near = torch.argsort(zb)
+        by_pixel = near[torch.argsort(idx[near], stable=True)]
+        first = torch.ones_like(by_pixel, dtype=torch.bool)
+        first[1:] = idx[by_pixel][1:] != idx[by_pixel][:-1]
+        win = by_pixel[first]
+        out[b].view(3, -1)[:, idx[win]] = cols[:, win]
+        hit[b].view(-1)[idx[win]] = True
+    return out, hit
+
+
+def seen_by_input(view_depth, cam2world, input_depth, fov_deg, radius, tol=0.03):
+    """Which pixels of a novel view the input photo saw, from the true depth of both: lift each
+    novel-view pixel to 3D, project it into P0, and call it seen when it lands inside the frame
+    at the depth the input's own depth map has there (within tol, relative). The rest are
+    disoccluded (or out of the input's frame): only a model's imagination can fill them.
+    view_depth, input_depth (B, 1, H, W), cam2world (B, 4, 4) -> bool (B, 1, H, W)."""
+    B, _, H, W = view_depth.shape
+    P0 = orbit_camera(torch.zeros(B), torch.zeros(B), radius).to(view_depth.device)
+    px, py, z = project(lift(view_depth, cam2world, fov_deg), P0, fov_deg, H)
+    inside = (px >= 0) & (px < W) & (py >= 0) & (py < H) & (z > 1e-3)
+    flat = (py.clamp(0, H - 1) * W + px.clamp(0, W - 1))                     # (B, HW)
+    there = torch.gather(input_depth.flatten(1), 1, flat)
+    return (inside & ((z - there).abs() < tol * z)).view(B, 1, H, W)
 
 
 # ---------------------------------------------------------------------------------------------

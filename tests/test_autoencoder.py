@@ -206,19 +206,41 @@ def test_kl_matches_torch_distributions():
     assert torch.allclose(ae.kl_loss(mean, logvar), expect, rtol=1e-5)
 
 
-def test_dist_weight_adds_the_rendered_distortion_to_the_loss():
-    """--dist-weight w adds exactly w * mean(distortion of the P0 render) to the loss (the same
-    random draws for both calls), and 0 leaves it out."""
+@pytest.mark.parametrize("weight, key", [("dist_weight", "dist"), ("warp_weight", "warp")])
+def test_a_loss_weight_adds_exactly_that_weight_times_its_term(weight, key):
+    """--dist-weight w adds exactly w * mean(distortion of the P0 render) to the loss, and
+    --warp-weight w exactly w * warp_loss (the same random draws for both calls); 0 leaves
+    the term out."""
     args = ae.get_args(["--preset", "tiny", "--fov-deg", "40", "--radius", "2.7"])
+    args.yaw_range, args.pitch_range = 20.0, 5.0
     model = ae.AutoEncoder(ae.model_config(args))
     image, depth = torch.rand(2, 3, 32, 32) * 2 - 1, 2 + torch.rand(2, 1, 32, 32)
     losses = {}
     for w in (0.0, 0.5):
-        args.dist_weight = w
+        setattr(args, weight, w)
         torch.manual_seed(0)
         losses[w], logs, _ = ae.autoencoder_loss(model, None, image, depth, args, False, None)
-    assert "dist" in logs and logs["dist"] > 0
-    assert torch.allclose(losses[0.5] - losses[0.0], 0.5 * logs["dist"], rtol=1e-4)
+    assert key in logs and logs[key] > 0
+    assert torch.allclose(losses[0.5] - losses[0.0], 0.5 * logs[key], rtol=1e-4)
+
+
+def test_warp_loss_judges_only_the_pixels_the_photo_saw():
+    """warp_loss: zero for the photo itself at P0; from a turned camera, zero for the photo's
+    own forward warp and blind to what the view shows where the photo has no pixel."""
+    torch.manual_seed(0)
+    config = dict(fov_deg=40.0, radius=2.7)
+    image, depth = torch.rand(2, 3, 16, 16) * 2 - 1, 2 + torch.rand(2, 1, 16, 16)
+    p0 = render.orbit_camera(torch.zeros(2), torch.zeros(2), 2.7)
+    assert ae.warp_loss(image, image, depth, None, p0, config, True) == 0
+    cams = render.orbit_camera(torch.tensor([20.0, -20.0]), torch.tensor([0.0, 5.0]), 2.7)
+    target, hit = render.forward_warp(image, depth, cams, 40.0, 2.7, splat=2)
+    assert 0.3 < hit.float().mean() < 1
+    assert ae.warp_loss(target, image, depth, None, cams, config, True) == 0
+    holes_wrong = torch.where(hit, target, -target)
+    assert ae.warp_loss(holes_wrong, image, depth, None, cams, config, True) == 0
+    assert ae.warp_loss(-target, image, depth, None, cams, config, True) > 0.1
+    # Without metric depth the photo is moved by the model's P0 depth (here: the same map).
+    assert ae.warp_loss(target, image, None, depth, cams, config, False) == 0
 
 
 def test_depth_losses_follow_what_the_depth_maps_are(scenes, tmp_path):
@@ -391,7 +413,8 @@ class Crash(Exception):
 
 
 def test_resume_is_bit_exact(scenes, tmp_path, monkeypatch):
-    common = ["--steps", "4", "--adv-start", "1", "--every", "2", "--lr-decay", "cosine"]
+    common = ["--steps", "4", "--adv-start", "1", "--every", "2", "--lr-decay", "cosine",
+              "--warp-weight", "0.5"]                 # every loss term in the resumed steps
     straight = ae.train(micro_args(scenes, tmp_path / "a", *common))
     # The same run, killed right after its first checkpoint (step 2), then resumed.
     save = ae.save_checkpoint
