@@ -765,6 +765,8 @@ def get_args(argv=None):
       "(default: a third of --steps)")
     a("--warp-weight", type=float, default=None, help="L1 weight of novel views against the "
       "photo moved there by its depth, on the pixels it saw (warp_loss); 0: off")
+    a("--warp-batch", type=int, default=0, help="how many images of each batch the warp loss "
+      "turns (0: all); fewer cost less when the adversarial loss is off")
     a("--raw-weight", type=float, default=1.0, help="L1 weight on the low-res raw RGB")
     a("--kl-weight", type=float, default=1e-5, help="KL weight (summed over the latent)")
     a("--lpips-weight", type=float, default=0.0, help="LPIPS weight (needs `pip install lpips`)")
@@ -882,6 +884,7 @@ def check_args(args):
          "upsampler that enlarges (--res above --render-res, e.g. --preset small)")
     need(0 < (args.fov_deg or 40) < 179, "--fov-deg must be in (0, 179)")
     need(0 <= args.ema < 1, "--ema must be in [0, 1)")
+    need(args.warp_batch >= 0, "--warp-batch must be >= 0 (0: every image of the batch)")
     need(min(args.depth_weight, args.depth_grad_weight, args.dist_weight, args.adv_weight,
              args.warp_weight, args.kl_weight, args.lpips_weight, args.r1_gamma) >= 0,
          "loss weights must be >= 0")
@@ -1214,12 +1217,17 @@ def autoencoder_loss(model, disc, image, depth, args, adv_on, lpips_fn):
     # 3. Novel views around P0. No photo was taken there, but two things can judge them: the
     #    photo itself, moved there by its depth, for the pixels it saw (--warp-weight), and the
     #    discriminator, for what the scene looks like (colour and depth) from the side.
+    #    A turned view costs a second render; without the GAN, --warp-batch n gives one to
+    #    the batch's first n images only (the loss is a mean, so only its noise grows).
+    n = min(B, args.warp_batch or B) if args.warp_weight > 0 and not adv_on else B
     if adv_on or args.warp_weight > 0:
-        cams = random_cameras(B, args.yaw_range, args.pitch_range, args.radius).to(device)
-        nov = model.render(planes, cams, perturb=True)
+        cams = random_cameras(n, args.yaw_range, args.pitch_range, args.radius).to(device)
+        nov = model.render(planes[:n], cams, perturb=True)
     if args.warp_weight > 0:
-        logs["warp"] = warp_loss(nov["image"], image, depth, rec["depth"], cams, model.config,
-                                 args.depth_metric)
+        k = min(n, args.warp_batch or n)                    # with the GAN: n = B views drawn
+        logs["warp"] = warp_loss(nov["image"][:k], image[:k],
+                                 None if depth is None else depth[:k], rec["depth"][:k],
+                                 cams[:k], model.config, args.depth_metric)
         loss = loss + args.warp_weight * logs["warp"]
     if adv_on:
         fake = disc.inputs(nov["image"], nov["depth"], args.render_res)      # (B, 3|4, H, W)
@@ -1378,7 +1386,8 @@ def train(args):
             print("note: LPIPS off (--lpips-weight 0); reconstruction uses L1 only")
         if args.warp_weight > 0 or args.adv_weight > 0:
             print(f"novel views: yaw +-{args.yaw_range:g}, pitch +-{args.pitch_range:g} deg; "
-                  f"warp loss weight {args.warp_weight:g} (moved by "
+                  f"warp loss weight {args.warp_weight:g} on "
+                  f"{min(args.warp_batch or args.batch, args.batch)} of {args.batch} images (moved by "
                   f"{'its depth map' if args.depth_metric and ds.use_depth else 'P0 depth'}), "
                   f"adversarial weight {args.adv_weight:g}")
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")

@@ -243,6 +243,37 @@ def test_warp_loss_judges_only_the_pixels_the_photo_saw():
     assert ae.warp_loss(target, image, None, depth, cams, config, False) == 0
 
 
+@pytest.mark.parametrize("adv_on", [False, True])
+def test_warp_batch_turns_only_the_first_images(monkeypatch, adv_on):
+    """--warp-batch 1 on a batch of 3: the warp loss sees the first image alone, with its own
+    depth and the one camera it was turned to. Without the GAN only that one view is rendered
+    (the saving); with it, the discriminator still gets a turned view of every image."""
+    args = ae.get_args(["--preset", "tiny", "--fov-deg", "40", "--radius", "2.7",
+                        "--warp-weight", "1", "--warp-batch", "1"])
+    args.yaw_range, args.pitch_range = 20.0, 5.0
+    model = ae.AutoEncoder(ae.model_config(args))
+    disc = ae.Discriminator(32, 8, sees="both")
+    image, depth = torch.rand(3, 3, 32, 32) * 2 - 1, 2 + torch.rand(3, 1, 32, 32)
+    seen, warp_loss = {}, ae.warp_loss
+
+    def spy(novel, img, dep, p0_depth, cams, config, metric):
+        seen.update(novel=novel.shape[0], image=img, depth=dep, cams=cams.shape[0])
+        return warp_loss(novel, img, dep, p0_depth, cams, config, metric)
+
+    monkeypatch.setattr(ae, "warp_loss", spy)
+    rendered, render_fn = [], model.render                 # how many views each render draws
+    monkeypatch.setattr(model, "render", lambda planes, cams, **kw: (
+        rendered.append(cams.shape[0]) or render_fn(planes, cams, **kw)))
+    _, _, fake = ae.autoencoder_loss(model, disc, image, depth, args, adv_on, None)
+    assert rendered == ([3, 3] if adv_on else [3, 1])     # P0, then the turned views
+    assert seen["novel"] == seen["cams"] == 1
+    assert torch.equal(seen["image"], image[:1]) and torch.equal(seen["depth"], depth[:1])
+    assert (fake.shape[0] == 3) if adv_on else fake is None
+    args.warp_batch = 0                                   # 0: every image
+    ae.autoencoder_loss(model, disc, image, depth, args, adv_on, None)
+    assert seen["novel"] == seen["cams"] == 3 and torch.equal(seen["image"], image)
+
+
 def test_depth_losses_follow_what_the_depth_maps_are(scenes, tmp_path):
     """Synthetic scenes (no --data, or a folder with scenes.json) carry true depth: metric depth
     loss at 0.5 plus the distortion loss at 1. Photos (no scenes.json): the aligned depth loss
