@@ -707,8 +707,10 @@ PRESETS = {
     # render (--render-res 64 with 8+8 samples per ray, twice the step time) scores the same
     # at yaw +-20 (two seeds on the CPU, +0.06 dB; README). 9000 steps (two seeds) lose 0.22
     # dB there for a P0 0.5 dB sharper and a third lower metric (b): `--steps 9000` (README).
-    # `--warp-weight 1` (two seeds): +0.25 dB at yaw +-20 (20.25, the best small setting) for a
-    # 23-30% worse metric (b) and 1.5x the step time, so it stays off (README).
+    # `--warp-weight 1` (two seeds): +0.25 dB at yaw +-20 (20.25) for a 23-30% worse metric
+    # (b) and 1.5x the step time; weight 3 (two seeds, H100) 20.40, 0.05 dB short of +2.5 over
+    # copying, for a (b) no longer better than tiny's and 1.65x the step time
+    # (--warp-batch 4: 1.3x, scoring as weight 2's 20.36), so it stays off (README).
     "small": dict(res=64, render_res=32, z_res=8, z_ch=8, enc_ch=16, dec_dim=128, dec_depth=2,
                   dec_heads=4, plane_ch=16, plane_res=32, hidden=32, feat_ch=16, up_ch=16,
                   n_coarse=16, n_fine=16, batch=8, lr=1e-3, steps=6000, disc_ch=16,
