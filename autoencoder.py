@@ -1221,12 +1221,12 @@ def autoencoder_loss(model, disc, image, depth, args, adv_on, lpips_fn):
     #    discriminator, for what the scene looks like (colour and depth) from the side.
     #    A turned view costs a second render; without the GAN, --warp-batch n gives one to
     #    the batch's first n images only (the loss is a mean, so only its noise grows).
-    n = min(B, args.warp_batch or B) if args.warp_weight > 0 and not adv_on else B
+    k = min(B, args.warp_batch or B)                 # images the warp loss judges
+    n = B if adv_on else k                           # turned views drawn: D judges all B
     if adv_on or args.warp_weight > 0:
         cams = random_cameras(n, args.yaw_range, args.pitch_range, args.radius).to(device)
         nov = model.render(planes[:n], cams, perturb=True)
     if args.warp_weight > 0:
-        k = min(n, args.warp_batch or n)                    # with the GAN: n = B views drawn
         logs["warp"] = warp_loss(nov["image"][:k], image[:k],
                                  None if depth is None else depth[:k], rec["depth"][:k],
                                  cams[:k], model.config, args.depth_metric)
@@ -1387,9 +1387,10 @@ def train(args):
         if args.lpips_weight == 0:
             print("note: LPIPS off (--lpips-weight 0); reconstruction uses L1 only")
         if args.warp_weight > 0 or args.adv_weight > 0:
+            judged = min(args.warp_batch or args.batch, args.batch)
             print(f"novel views: yaw +-{args.yaw_range:g}, pitch +-{args.pitch_range:g} deg; "
-                  f"warp loss weight {args.warp_weight:g} on "
-                  f"{min(args.warp_batch or args.batch, args.batch)} of {args.batch} images (moved by "
+                  f"warp loss weight {args.warp_weight:g} on {judged} of {args.batch} "
+                  f"images (moved by "
                   f"{'its depth map' if args.depth_metric and ds.use_depth else 'P0 depth'}), "
                   f"adversarial weight {args.adv_weight:g}")
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
