@@ -323,7 +323,7 @@ class AutoEncoder(nn.Module):
 
     def P0(self, n):
         """The input camera, n times: (n, 4, 4)."""
-        return render.orbit_camera(torch.zeros(n), torch.zeros(n), self.config["radius"])
+        return render.p0_camera(n, self.config["radius"])
 
 
 # Model settings added after the first checkpoints were written, with the value those older

@@ -63,6 +63,11 @@ def orbit_camera(yaw_deg, pitch_deg, radius):
     return cam2world                                                        # (..., 4, 4)
 
 
+def p0_camera(n, radius):
+    """The input camera P0 (yaw 0, pitch 0), n times -> (n, 4, 4)."""
+    return orbit_camera(torch.zeros(n), torch.zeros(n), radius)
+
+
 def focal_length(fov_deg, res):
     """Pinhole focal length in pixels for a square image: f = (res / 2) / tan(fov / 2)."""
     return 0.5 * res / math.tan(math.radians(fov_deg) / 2)
@@ -437,7 +442,7 @@ def forward_warp(image, depth, cam2world, fov_deg, radius, splat=1):
     if splat > 1:
         image, depth = (F.interpolate(x, scale_factor=splat, mode="nearest")
                         for x in (image, depth))                            # (B, ., sH, sW)
-    P0 = orbit_camera(torch.zeros(B), torch.zeros(B), radius).to(depth.device)
+    P0 = p0_camera(B, radius).to(depth.device)
     px, py, zc = project(lift(depth, P0, fov_deg), cam2world, fov_deg, H)    # (B, N) each
     ok = (zc > 1e-3) & (px >= 0) & (px < W) & (py >= 0) & (py < H)
     out = image.mean((2, 3), keepdim=True).expand(-1, -1, H, W).clone()
@@ -464,7 +469,7 @@ def seen_by_input(view_depth, cam2world, input_depth, fov_deg, radius, tol=0.03)
     disoccluded (or out of the input's frame): only a model's imagination can fill them.
     view_depth, input_depth (B, 1, H, W), cam2world (B, 4, 4) -> bool (B, 1, H, W)."""
     B, _, H, W = view_depth.shape
-    P0 = orbit_camera(torch.zeros(B), torch.zeros(B), radius).to(view_depth.device)
+    P0 = p0_camera(B, radius).to(view_depth.device)
     px, py, z = project(lift(view_depth, cam2world, fov_deg), P0, fov_deg, H)
     inside = (px >= 0) & (px < W) & (py >= 0) & (py < H) & (z > 1e-3)
     flat = (py.clamp(0, H - 1) * W + px.clamp(0, W - 1))                     # (B, HW)
