@@ -230,7 +230,7 @@ def test_warp_loss_judges_only_the_pixels_the_photo_saw():
     torch.manual_seed(0)
     config = dict(fov_deg=40.0, radius=2.7)
     image, depth = torch.rand(2, 3, 16, 16) * 2 - 1, 2 + torch.rand(2, 1, 16, 16)
-    p0 = render.orbit_camera(torch.zeros(2), torch.zeros(2), 2.7)
+    p0 = render.p0_camera(2, 2.7)
     assert ae.warp_loss(image, image, depth, None, p0, config, True) == 0
     cams = render.orbit_camera(torch.tensor([20.0, -20.0]), torch.tensor([0.0, 5.0]), 2.7)
     target, hit = render.forward_warp(image, depth, cams, 40.0, 2.7, splat=2)

@@ -73,7 +73,7 @@ class CopyModel:
         return dict(image=planes[0], raw=planes[0], depth=planes[1])
 
     def P0(self, n):
-        return render.orbit_camera(torch.zeros(n), torch.zeros(n), self.config["radius"])
+        return render.p0_camera(n, self.config["radius"])
 
 
 def test_evaluate_views_reports_model_and_baselines(scenes, tmp_path):
