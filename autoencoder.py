@@ -688,7 +688,8 @@ PRESETS = {
     # halve the metric (b) and lift pitch +-10 by 0.4 dB: `--steps 6000` (README).
     # With `--warp-weight 1` as well, those 6000 steps reach 21.37 / 21.33 dB at yaw +-20 (two
     # seeds), +2.3 dB over copying with Pearson 0.956 / 0.961: half the gap to the true-depth
-    # warp closed, every target set for tiny, at about 3x the preset's time (README).
+    # warp closed, every target set for tiny, at 3.3x the preset's time (a step costs
+    # 1.64-1.68x; README).
     "tiny": dict(res=32, render_res=32, z_res=8, z_ch=4, enc_ch=32, dec_dim=96, dec_depth=2,
                  dec_heads=4, plane_ch=16, plane_res=32, hidden=32, feat_ch=16, up_ch=32,
                  n_coarse=16, n_fine=16, batch=8, lr=1e-3, steps=3000, disc_ch=16,
