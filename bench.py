@@ -5,7 +5,6 @@ bench.py -- speed and memory of each stage, measured the same way every time.
     python bench.py render --device cpu  # one case
     python bench.py render --compile     # the hot path through torch.compile (any device)
     python bench.py ae-step --profile    # also the costliest ops (torch.profiler)
-    python bench.py ae-step --r1-every 16  # lazy R1: H100 base 53.8 vs 40.1 images/s (README)
     python bench.py data budget          # the loader on 2k vs 20k images; FLOPs and memory
     python bench.py --json bench.json    # also write the numbers as JSON
 
@@ -18,8 +17,7 @@ Cases:
              samples per ray, triplane 3 x 32 x 128 x 128, field MLP 32 -> 64 -> 1 + 32.
     sample   DDIM-50 samples per second at batch 4 for a 4x32x32 latent with the base UNet,
              its parameter count, and a library UNet of the same shape when diffusers is there.
-    ae-step  one autoencoder training step (both players of the GAN), images/s, peak memory;
-             with --r1-every N, the mean of a step with R1 and N - 1 steps without it.
+    ae-step  one autoencoder training step (both players of the GAN), images/s, peak memory.
     e2e      seconds from a latent to a 60-frame turntable (decode + render + upsample).
     data     (not in the default set) the training loader on 2k vs 20k images: folder vs
              pack, images/s, start-up time, peak resident memory.
@@ -168,7 +166,7 @@ def bench_e2e(device, args):
 
     def run(frames):
         with torch.no_grad():
-            sample.render_frames(model, model.decode(z), cams[:frames])
+            ae.render_frames(model, model.decode(z), cams[:frames])
     run(2)                                                                   # warm-up
     sec = timed(lambda: run(60), device, 0, 1 if device.type == "cpu" else args.iters)
     return dict(case="e2e", seconds=sec, frames_per_s=60 / sec, peak_mem_mb=peak_memory_mb(device),
@@ -193,26 +191,17 @@ def bench_ae_step(device, args):
     depth = 2 + torch.rand(B, 1, a.res, a.res, device=device)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
 
-    def step(d_step):                      # d_step 0 takes R1; with --r1-every N > 1, 1 does not
+    def step():
         _, fakes = ae.autoencoder_step(model, disc, opt, [(image, depth)], a, True, None,
                                        autocast)
-        ae.discriminator_step(disc, opt_d, [(image, depth)], fakes, a, autocast, d_step)
-    # Lazy R1 (--r1-every N): one step in N pays for the penalty, so the mean step costs
-    # ((N - 1) x a step without it + a step with it) / N; both are timed.
-    a.r1_every = args.r1_every
-    sec_r1 = timed(lambda: step(0), device, args.warmup, args.iters)
-    peak = peak_memory_mb(device)
-    sec_plain = sec_r1
-    if a.r1_every > 1:
-        sec_plain = timed(lambda: step(1), device, args.warmup, args.iters)
-    sec = ((a.r1_every - 1) * sec_plain + sec_r1) / a.r1_every
+        ae.discriminator_step(disc, opt_d, [(image, depth)], fakes, a, autocast)
+    sec = timed(step, device, args.warmup, args.iters)
     n = sum(p.numel() for p in model.parameters()) / 1e6
     return dict(case="ae-step", ms_per_iter=1e3 * sec, images_per_s=B / sec,
-                ms_step_with_r1=1e3 * sec_r1, ms_step_without_r1=1e3 * sec_plain,
-                r1_every=a.r1_every, peak_mem_mb=peak, params_m=n, amp=args.amp,
+                peak_mem_mb=peak_memory_mb(device), params_m=n, amp=args.amp,
                 config=f"{args.ae_preset} preset: batch {B}, {a.res} px, render {a.render_res} px, "
-                       f"{a.n_coarse}+{a.n_fine} samples, with novel view + discriminator step, "
-                       f"R1 every {a.r1_every} step(s)")
+                       f"{a.n_coarse}+{a.n_fine} samples, with novel view + discriminator step "
+                       f"with R1")
 
 
 def make_image_folder(root, n, res=32):
@@ -353,9 +342,8 @@ def step_cost(build_loss, batches):
 # Assumptions of the GPU estimates (printed with them): H100 SXM dense bf16 peak, a model FLOPs
 # utilisation typical of small convnets and renderers, and what a training step keeps besides
 # activations: fp32 weights + gradients + AdamW's two moments = 16 bytes per parameter.
-# Measured once since (README, Benchmarks): the base autoencoder step ran at 3% of that peak on
-# an H100 (47.5 images/s with bf16, 7.3x below this estimate), so read the estimated hours as a
-# lower bound.
+# Measured on an H100, the base autoencoder step ran far below that utilisation
+# (docs/BENCHMARKS.md), so read the estimated hours as a lower bound.
 H100_BF16_FLOPS = 989e12
 ASSUMED_MFU = 0.25
 BYTES_PER_PARAM = 16
@@ -374,8 +362,7 @@ def bench_budget(device, args):
         ae.set_camera(a, None)                        # the defaults for photos (losses, camera)
         a.adv_weight = max(a.adv_weight, 0.05)        # the full step: novel view + D
         # R1's double backward through D is left out: FlopCounterMode cannot follow the
-        # autograd.grad inside a counted backward. It is not small: a quarter of the base
-        # step's GPU time on an H100 (README, Benchmarks).
+        # autograd.grad inside a counted backward. It is not small on the base step.
         a.r1_gamma = 0.0
         model, disc, _, _ = ae.build(a, device)
         data = lambda B: (torch.rand(B, 3, a.res, a.res, device=device) * 2 - 1,
@@ -438,8 +425,6 @@ def main():
                    help="autoencoder size for the ae-step and e2e cases")
     p.add_argument("--batch", type=int, default=0,
                    help="ae-step batch (0: the preset's; base's 16 needs > 23 GB on a CPU)")
-    p.add_argument("--r1-every", type=int, default=1, help="ae-step: lazy R1, the penalty on "
-                   "one step in N (both steps timed, the mean reported)")
     p.add_argument("--amp", default="none", choices=["none", "bf16"],
                    help="bf16 autocast in the render and ae-step cases (CUDA or CPU)")
     p.add_argument("--data-dir", default="/tmp/wildfusion-bench-data",
@@ -447,8 +432,6 @@ def main():
     p.add_argument("--data-images", type=int, default=6400, help="data case: images read")
     p.add_argument("--workers", type=int, default=2, help="data case: loader processes")
     args = p.parse_args()
-    if args.r1_every < 1:
-        sys.exit(f"error: --r1-every must be at least 1 (1: R1 on every step), not {args.r1_every}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

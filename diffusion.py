@@ -8,8 +8,8 @@ into a triplane and rendered, is a new 3D scene. Nothing here is 3D-specific: th
 decoder. What diffusion buys over a 3D GAN is *coverage*: the model is trained to denoise every
 training latent, so it cannot drop modes of the data the way a generator can (paper Sec. 1, 4).
 
-    python diffusion.py --ae runs/ae-tiny/ckpt.pt --preset tiny     # 2-core CPU: 5-20 min
-    python diffusion.py --ae runs/ae-small/ckpt.pt --preset small   # 64 px, 2-core CPU: 14-15 min
+    python diffusion.py --ae runs/ae-tiny/ckpt.pt --preset tiny     # a laptop CPU
+    python diffusion.py --ae runs/ae-small/ckpt.pt --preset small   # 64 px, a laptop CPU
     python diffusion.py --ae runs/ae/ckpt.pt --out runs/ldm         # one GPU
     torchrun --nproc_per_node=4 diffusion.py --ae runs/ae/ckpt.pt   # 4 GPUs, data parallel
     python diffusion.py --toy                                       # 8 Gaussians: mode coverage
@@ -20,7 +20,8 @@ Map of the file:
     3. the model               UNet + schedule + latent scale; the training loss; guidance
     4. samplers                DDPM ancestral, DDIM (any steps, eta), inverse DDIM, resampling
     5. latents                 encode the data once with the frozen autoencoder, cached
-    6. training                presets, EMA, checkpoints, the loop; load()
+    6. training                presets, flags, the step, the loop; load()
+                               (the plumbing both stages share is training.py's)
     7. the toy                 8 Gaussians on a ring: does the sampler find every mode?
 
 Notation (DDPM / DDIM papers): x_0 is a clean (normalised) latent, x_t its noised version at
@@ -45,8 +46,9 @@ from tqdm import tqdm
 
 import autoencoder as ae
 import data as data_mod
-from autoencoder import is_main, rank, world
+import training
 from data import UserError
+from training import is_main, need, world
 
 CKPT_KIND = "wildfusion-diffusion"
 CACHE_KIND = "wildfusion-latents"
@@ -285,20 +287,12 @@ class LatentDiffusion(nn.Module):
     def null_labels(self, n, device):
         return torch.full((n,), self.num_classes, dtype=torch.long, device=device)
 
-    def loss(self, x0, labels=None, p_uncond=0.0, min_snr=0.0):
+    def loss(self, x0, labels=None, p_uncond=0.0):
         """DDPM's simple loss: pick t uniformly, noise x_0 to x_t, regress the target with MSE.
 
         x0 (B, C, H, W) normalised latents; labels (B,) or None. With probability p_uncond a
         label is replaced by the null label, so the same network also learns p(z) unconditionally
         and classifier-free guidance can contrast the two at sampling time.
-
-        min_snr = gamma > 0 weights each sample's MSE by Min-SNR-gamma (Hang et al. 2023). Every
-        target's error is a multiple of the error in x_0 (SNR = a / (1 - a)):
-            |eps_hat - eps|^2 = SNR |x0_hat - x0|^2,   |v_hat - v|^2 = (SNR + 1) |x0_hat - x0|^2,
-        so the simple loss weights the x_0 error by SNR (eps) or SNR + 1 (v): it spends most of
-        its effort on the nearly clean steps, where the answer is easy and matters least for
-        what a sample looks like. Min-SNR caps that weight at gamma, i.e. multiplies the eps
-        loss by min(SNR, gamma) / SNR and the v loss by min(SNR, gamma) / (SNR + 1).
         """
         B = x0.shape[0]
         t = torch.randint(0, self.T, (B,), device=x0.device)
@@ -309,13 +303,7 @@ class LatentDiffusion(nn.Module):
         if p_uncond > 0:
             y[torch.rand(B, device=x0.device) < p_uncond] = self.num_classes
         target = eps if self.config["pred"] == "eps" else v_from_eps(x0, eps, a)
-        out = self.net(x_t, t, y).float()
-        if min_snr <= 0:
-            return F.mse_loss(out, target)
-        err = (out - target).square().mean((1, 2, 3))                            # (B,)
-        snr = a / (1 - a)
-        weight = snr.clamp(max=min_snr) / (snr if self.config["pred"] == "eps" else snr + 1)
-        return (weight * err).mean()
+        return F.mse_loss(self.net(x_t, t, y).float(), target)
 
     def predict(self, x_t, t, labels=None, cfg=1.0):
         """The network's guess of (eps, x_0) at x_t (B, C, H, W), step t (B,).
@@ -420,7 +408,7 @@ def ddim_loop(model, x, ts, eta=0.0, labels=None, cfg=1.0, generator=None, progr
 @torch.no_grad()
 def ddim_sample(model, shape, steps=50, eta=0.0, labels=None, cfg=1.0, noise=None,
                 generator=None, progress=False):
-    """New latents z (B, C, H, W) from pure noise (public API, README). noise: a given x_T, e.g.
+    """New latents z (B, C, H, W) from pure noise (public API). noise: a given x_T, e.g.
     from ddim_invert or an interpolation between two of them."""
     model.check_labels(labels, cfg)
     dev = model.alpha_bar.device
@@ -507,8 +495,7 @@ def encode_folder(ae_model, root, device, path, flip=True, batch=64, workers=0):
     batch's mirror images follow the batch. Returns (labels (N,), classes).
     """
     c = ae_model.config
-    ds = data_mod.open_folder(root, c["res"], depth=True if c["depth_input"] else False,
-                              verbose=True)
+    ds = data_mod.open_folder(root, c["res"], depth=False, verbose=True)
     copies = 2 if flip else 1
     z_shape = (c["z_ch"], c["z_res"], c["z_res"])
     zs = np.lib.format.open_memmap(os.path.join(path, "z.npy"), "w+", np.float32,
@@ -517,12 +504,8 @@ def encode_folder(ae_model, root, device, path, flip=True, batch=64, workers=0):
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers)
     for item in tqdm(loader, desc="encoding latents", unit="batch"):
         image = item["image"].to(device)                                     # (b, 3, H, W)
-        depth = item["depth"].to(device) if c["depth_input"] else None
-        views = [(image, depth)]
-        if flip:
-            views.append((image.flip(-1), None if depth is None else depth.flip(-1)))
-        for im, d in views:
-            z = ae_model.encode(im, d).float().cpu().numpy()                 # (b, C, h, w)
+        for im in [image, image.flip(-1)] if flip else [image]:
+            z = ae_model.encode(im).float().cpu().numpy()                    # (b, C, h, w)
             zs[pos:pos + len(z)] = z
             labels.append(item["label"])
             pos += len(z)
@@ -593,21 +576,21 @@ PRESETS = {
     "base": dict(ch=128, ch_mult="1,2,2", num_res=2, attn_res="16,8", heads=4, dropout=0.1,
                  batch=64, lr=1e-4, steps=200_000, ema=0.9999, every=5000, pred="eps",
                  schedule="linear"),
-    # A laptop CPU: 5-20 min on 2 cores (README), z 4x8x8 (the tiny autoencoder).
+    # A laptop CPU, z 4x8x8 (the tiny autoencoder): two levels, attention at 4x4.
     "tiny": dict(ch=32, ch_mult="1,2", num_res=1, attn_res="4", heads=2, dropout=0.0,
                  batch=64, lr=5e-4, steps=8000, ema=0.999, every=2000, pred="eps",
                  schedule="linear"),
-    # z 8x8x8 (the small autoencoder, 64 px): tiny's UNet 1.5x wider, for half its steps
-    # (about the same time on 2 CPU cores), with the cosine schedule. It predicts v: predicting
-    # eps, the x_0 it implies at high noise, (x_t - sqrt(1 - a) eps) / sqrt(a), multiplies the
-    # error by up to 1/sqrt(a) ~ 160, and at this budget the samples' latents came out ~7x as
-    # spread as the data's and decoded to colour blobs. Width 48 lowered the samples' KID on both
-    # of two seeds, the cosine schedule on one; together they did most (README, Results).
+    # z 8x8x8 (the small autoencoder, 64 px): tiny's UNet 1.5x wider for half its steps, the
+    # cosine schedule, and v-prediction: predicting eps, the x_0 it implies at high noise
+    # multiplies the error by up to 1/sqrt(alpha_bar) ~ 160, and the samples' latents came out
+    # ~7x as spread as the data's (colour blobs); v fixed it.
     "small": dict(ch=48, ch_mult="1,2", num_res=1, attn_res="4", heads=2, dropout=0.0,
                   batch=64, lr=5e-4, steps=4000, ema=0.999, every=1000, pred="v",
                   schedule="cosine"),
 }
 MODEL_KEYS = ("ch", "ch_mult", "num_res", "attn_res", "heads", "dropout")
+GRAD_CLIP = 1.0            # the gradient norm is clipped at this
+SAMPLE_STEPS = 50          # DDIM steps of the sample grids written while training
 
 
 def get_args(argv=None):
@@ -618,15 +601,12 @@ def get_args(argv=None):
     a("--data", help="image folder (default: the folder the autoencoder was trained on)")
     a("--preset", default="base", choices=list(PRESETS))
     a("--out", default=None, help="run folder (default runs/ldm-PRESET)")
-    a("--resume", action="store_true", help="continue from OUT/ckpt.pt (from step 0 while "
-      "there is none: safe on every launch of a preemptible job)")
     a("--toy", action="store_true", help="train on 8 Gaussians on a ring instead and report "
       "how often each mode is sampled (no autoencoder needed)")
     a("--ch", type=int, default=None, help="UNet base width")
     a("--ch-mult", default=None, help="width multiple per level, e.g. 1,2,2")
     a("--num-res", type=int, default=None, help="residual blocks per level")
     a("--attn-res", default=None, help="resolutions with self-attention, e.g. 16,8")
-    a("--heads", type=int, default=None)
     a("--dropout", type=float, default=None)
     a("--schedule", default=None, choices=["linear", "cosine"], help="the noise schedule "
       "(default: the preset's)")
@@ -634,23 +614,16 @@ def get_args(argv=None):
       "noise, as DDPM and LDM; v: Salimans & Ho's rotation of noise and signal)")
     a("--uncond", action="store_true", help="ignore class labels even if the data has them")
     a("--p-uncond", type=float, default=0.1, help="label dropout, for classifier-free guidance")
-    a("--no-flip", action="store_true", help="do not add mirrored images' latents")
     a("--steps", type=int, default=None)
     a("--batch", type=int, default=None, help="latents per micro-batch, over all processes")
     a("--accum", type=int, default=1, help="micro-batches accumulated per optimiser step "
       "(effective batch: --batch x --accum)")
     a("--lr", type=float, default=None)
     a("--ema", type=float, default=None, help="EMA decay of the weights used for sampling")
-    a("--grad-clip", type=float, default=1.0)
-    a("--min-snr", type=float, default=0.0, help="Min-SNR-gamma loss weighting (Hang et al. "
-      "2023): cap the weight of the nearly clean steps at gamma; 0 = DDPM's simple loss")
     a("--every", type=int, default=None, help="sample grid + checkpoint every N steps")
-    a("--sample-steps", type=int, default=50, help="DDIM steps of the sample grids")
-    ae.add_runtime_args(p, "the UNet")
-    args = ae.apply_preset(p.parse_args(argv), PRESETS)
+    training.add_runtime_args(p, "the UNet")
+    args = training.apply_preset(p.parse_args(argv), PRESETS)
     args.out = args.out or ("runs/toy" if args.toy else f"runs/ldm-{args.preset}")
-    if args.workers is None:
-        args.workers = 4 if args.device.startswith("cuda") else 0
     return args
 
 
@@ -662,22 +635,11 @@ def int_list(text, flag):
 
 
 def check_args(args):
-    def need(ok, msg):
-        if not ok:
-            raise UserError(msg)
-    for name in ("steps", "batch", "accum", "every", "log_every"):
-        need(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive")
-    need(args.workers >= 0, "--workers must be >= 0")
+    training.check_runtime_args(args)
     need(0 <= args.p_uncond < 1, "--p-uncond must be in [0, 1)")
-    need(0 <= args.ema < 1, "--ema must be in [0, 1)")
-    need(args.min_snr >= 0, "--min-snr must be >= 0 (0: the plain loss; Hang et al. use 5)")
     need(args.ch > 0 and args.num_res > 0, "--ch and --num-res must be positive")
     need(args.ch * min(int_list(args.ch_mult, "--ch-mult")) % args.heads == 0,
-         "--heads must divide the UNet widths")
-    need(args.device == "cpu" or torch.cuda.is_available(),
-         f"--device {args.device}: CUDA is not available here; use --device cpu")
-    need(args.batch % world() == 0,
-         f"--batch {args.batch} must be divisible by the {world()} processes")
+         f"--ch must be a multiple of the preset's {args.heads} attention heads")
 
 
 def model_config(args, latent_shape, classes):
@@ -695,11 +657,28 @@ def model_config(args, latent_shape, classes):
 
 def load(path, device="cpu"):
     """A diffusion checkpoint -> LatentDiffusion with the EMA weights, in eval mode (public
-    API, README). model.config["ae_id"] names the autoencoder its latents came from."""
-    ckpt = ae.load_checkpoint(path, CKPT_KIND, "a diffusion checkpoint (runs/ldm/ckpt.pt)")
+    API). model.config["ae_id"] names the autoencoder its latents came from."""
+    ckpt = training.load_checkpoint(path, CKPT_KIND, "a diffusion checkpoint "
+                                    "(runs/ldm/ckpt.pt)")
     model = LatentDiffusion(ckpt["config"])
     model.load_state_dict(ckpt["ema"])
     return model.to(device).eval()
+
+
+def load_models(ae_path, ldm_path, device):
+    """The autoencoder and (optionally) the diffusion model, refusing a pair that does not belong
+    together: the diffusion model learned the latents of one autoencoder, and any other decodes
+    its samples into noise."""
+    if not ae_path:
+        raise UserError("--ae is required: the autoencoder checkpoint (runs/ae/ckpt.pt)")
+    ae_model = ae.load(ae_path, device)
+    if not ldm_path:
+        return ae_model, None
+    ldm = load(ldm_path, device)
+    if ldm.config.get("ae_id") != file_id(ae_path):
+        raise UserError(f"{ldm_path} was trained on the latents of another autoencoder "
+                        f"({ldm.config.get('ae_path')}), not {ae_path}; pass that one as --ae")
+    return ae_model, ldm
 
 
 @torch.no_grad()
@@ -722,34 +701,31 @@ def train_step(model, ema, opt, batches, step, args, autocast):
     def loss_fn(x0, labels):
         # t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps,
         # loss = |net(x_t, t, y) - target|^2 with target eps or v (LatentDiffusion.loss).
-        loss = model.loss(x0, labels, args.p_uncond, args.min_snr)
+        loss = model.loss(x0, labels, args.p_uncond)
         return loss, dict(loss=loss.detach()), None
     # Accumulation over micro-batches, one all-reduce across ranks, clipping, the update.
-    logs, _ = ae.optimiser_step(opt, batches, loss_fn, autocast, args.grad_clip)
+    logs, _ = training.optimiser_step(opt, batches, loss_fn, autocast, GRAD_CLIP)
     # EMA with a warm-up (decay grows from 0.1 towards args.ema): early EMA weights are
-    # not stuck on the random init. The same average as the autoencoder's (ae.ema_update).
-    ae.ema_update(ema, model, ae.ema_decay(step, args.ema))
+    # not stuck on the random init.
+    training.ema_update(ema, model, training.ema_decay(step, args.ema))
     return logs
 
 
 def read_batch(cache, model, step, micro, args, device):
     """This rank's micro-batch `micro` of `step`, read from the memory-mapped cache (only these
     rows come off the disk) -> normalised latents (B, C, h, w), labels (B,) or None."""
-    idx = np.array([i for i, _ in ae.batch_indices(step, len(cache["z"]), args.batch, args.seed,
-                                                   micro, args.accum)])
+    idx = np.array([i for i, _ in training.batch_indices(step, len(cache["z"]), args.batch,
+                                                         args.seed, micro, args.accum)])
     z = torch.from_numpy(np.ascontiguousarray(cache["z"][idx])).to(device)
     labels = cache["labels"][idx].to(device) if cache["use_labels"] else None
     return model.normalize(z), labels
 
 
-def train(args):
-    ae.setup_distributed(args)
+def setup(args):
+    """The frozen autoencoder, the latents, the model, its EMA copy and optimiser, resumed
+    where a checkpoint says. -> a namespace of them."""
     check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-
-    # --- the frozen autoencoder and the latents ---
+    device = training.start(args)
     if not args.ae:
         raise UserError("--ae is required: the autoencoder checkpoint of stage 1 "
                         "(python autoencoder.py --preset tiny makes runs/ae-tiny/ckpt.pt)")
@@ -759,14 +735,13 @@ def train(args):
     if not root or not os.path.isdir(root):
         raise UserError(f"the autoencoder's data folder {root!r} is gone; give --data")
     os.makedirs(args.out, exist_ok=True)
-    cache = latent_cache(args.ae, ae_model, root, args.out, device, flip=not args.no_flip,
-                         workers=args.workers)
+    # Mirrored images too, as the autoencoder saw them in training: twice the data.
+    cache = latent_cache(args.ae, ae_model, root, args.out, device, workers=args.workers)
     z_all = cache["z"]                                       # (N, C, h, w), memory-mapped
     # Class-conditional when the folder has class sub-folders (and --uncond is not given).
     classes = [] if args.uncond else cache["classes"]
     cache["use_labels"] = bool(classes)
 
-    # --- model, EMA, optimiser ---
     config = model_config(args, z_all.shape[1:], classes)
     config.update(ae_id=cache["ae_id"], ae_path=os.path.abspath(args.ae))
     torch.manual_seed(args.seed)                    # the same initial weights on every rank
@@ -779,54 +754,51 @@ def train(args):
     # weights over the last ~1/(1 - decay) steps smooths out the noise of SGD on a noisy loss.
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    torch.manual_seed(args.seed + rank())           # but each rank its own t and noise
+    torch.manual_seed(args.seed + training.rank())  # but each rank its own t and noise
     ckpt_path, step = os.path.join(args.out, "ckpt.pt"), 0
     if args.resume:
-        step = ae.resume_from(ckpt_path, CKPT_KIND, config, args.seed, args=args, model=model,
-                              ema=ema, opt=opt)
+        step = training.resume_from(ckpt_path, CKPT_KIND, config, args.seed, args=args,
+                                    model=model, ema=ema, opt=opt)
     if args.compile:                                # CUDA: Triton; CPU: inductor's C++
         model.net.compile()                         # in place: state_dict keys unchanged
     if is_main():
-        n_par = sum(p.numel() for p in model.parameters())
         print(f"latents: {len(z_all)} of shape {tuple(z_all.shape[1:])} "
               f"({'with' if cache['flip'] else 'without'} mirrored copies), classes: "
               f"{', '.join(classes) if classes else 'none (unconditional)'}")
-        print(f"UNet {n_par / 1e6:.2f} M parameters; {args.schedule} schedule, predicts "
-              f"{args.pred}; {world()} process(es) on {device}; batch {args.batch} x "
-              f"{args.accum} accumulated")
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
+        print(f"UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
+              f"{args.schedule} schedule, predicts {args.pred}; {world()} process(es) on "
+              f"{device}; batch {args.batch} x {args.accum} accumulated")
+    return argparse.Namespace(device=device, ae_model=ae_model, cache=cache, config=config,
+                              model=model, ema=ema, opt=opt, ckpt_path=ckpt_path, step=step)
 
-    bar = tqdm(total=args.steps, initial=step, disable=not is_main(), dynamic_ncols=True)
-    history, sums, t_last, step_last = [], {}, time.time(), step
+
+def train(args):
+    """Stage 2's loop: a step on a batch of cached latents, the EMA; logs, grids, checkpoints."""
+    r = setup(args)
+    model, ema, step = r.model, r.ema, r.step
+    autocast = torch.autocast(r.device.type, torch.bfloat16, enabled=args.amp == "bf16")
+    log = training.StepLog(args.steps, step, args.log_every, args.batch * args.accum, "z/s")
     while step < args.steps:
         # This rank's slices of the global batch, a pure function of the step (exact resume).
-        batches = [read_batch(cache, model, step, k, args, device) for k in range(args.accum)]
-        logs = train_step(model, ema, opt, batches, step, args, autocast)
+        batches = [read_batch(r.cache, model, step, k, args, r.device) for k in range(args.accum)]
+        logs = train_step(model, ema, r.opt, batches, step, args, autocast)
         step += 1
-        bar.update(1)
-        ae.add_logs(sums, logs)          # summed on the device, read every --log-every steps
-        if step % args.log_every == 0 or step == args.steps:
-            means, now = ae.read_logs(sums), time.time()
-            means["z/s"] = args.batch * args.accum * (step - step_last) / max(now - t_last, 1e-9)
-            t_last, step_last, sums = now, step, {}
-            history.append(dict(step=step, **means))
-            bar.set_postfix({k: f"{v:.3g}" for k, v in means.items()})
+        log.add(step, logs)
         # --- sample grid + checkpoint (rank 0 writes; every rank hands over its RNG state) ---
         if step % args.every == 0 or step == args.steps:
             if is_main():
                 ema.eval()
-                sample_grid(ema, ae_model, 8, args.sample_steps,
+                sample_grid(ema, r.ae_model, 8, SAMPLE_STEPS,
                             os.path.join(args.out, f"samples_{step:06d}.png"), seed=args.seed)
-            ae.save_on_main(ckpt_path, lambda rngs: dict(
-                kind=CKPT_KIND, config=config, model=model.state_dict(), ema=ema.state_dict(),
-                opt=opt.state_dict(), step=step, rng=rngs, args=dict(vars(args))))
-    bar.close()
+            training.save_on_main(r.ckpt_path, lambda rngs: dict(
+                kind=CKPT_KIND, config=r.config, model=model.state_dict(), ema=ema.state_dict(),
+                opt=r.opt.state_dict(), step=step, rng=rngs, args=dict(vars(args))))
+    log.close()
     if is_main():
-        print(f"done: {ckpt_path}, sample grids in {args.out}/samples_*.png "
+        print(f"done: {r.ckpt_path}, sample grids in {args.out}/samples_*.png "
               f"(rows: P0 | depth | yaw -20, 0, +20 | depths)")
-    if ae.dist.is_initialized():
-        ae.dist.destroy_process_group()
-    return dict(model=model, ema=ema, history=history)
+    training.finish()
+    return dict(model=model, ema=ema, history=log.history)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -881,7 +853,7 @@ def train_toy(steps=1500, batch=128, lr=2e-3, pred="eps", seed=0, progress=False
         loss.backward()
         opt.step()
         sched.step()
-        ae.ema_update(ema, model, ae.ema_decay(step, 0.995))
+        training.ema_update(ema, model, training.ema_decay(step, 0.995))
         losses.append(loss.item())
     return ema.eval(), losses
 

@@ -1,5 +1,5 @@
 """
-evaluate.py -- every number in the README's results: novel views scored against held-out truth,
+evaluate.py -- every number in docs/RESULTS.md: novel views scored against held-out truth,
 and a distribution metric for the synthetic scenes, for samples as well as for novel views.
 
 Not a stage of WildFusion, its measuring tape. 3D-aware generators are usually scored with
@@ -8,8 +8,8 @@ px. Here the scenes of scenes.py come with their parameters (objects, colours, l
 camera), so a small CNN can be trained, in minutes on a CPU, to predict them from an image; its
 penultimate features (plus the image's edge energy, which it is blind to) then play Inception's
 part -- the way FVD or domain-specific FIDs are built. The metric is validated before it is
-used (`python evaluate.py validate`: 210 s the first time with --threads 1 on the README's
-2-core machine, then cached).
+used (`python evaluate.py validate`: a few minutes on a laptop CPU the first time, then
+cached).
 
     python evaluate.py validate                       # train (once) and check the metric network
     python evaluate.py views runs/ae-tiny/ckpt.pt     # (b) novel views, (c) reconstructions, PSNR
@@ -38,8 +38,10 @@ from tqdm import tqdm
 
 import autoencoder as ae
 import data as data_mod
+import diffusion
 import render
 import scenes
+import training
 from data import UserError
 
 
@@ -87,21 +89,43 @@ def load_view(stem, res):
     return rgb[None].float() / 127.5 - 1, F.interpolate(depth, size=res, mode="nearest")
 
 
+def candidates(model, planes, cam, image, depth, recon, own_depth):
+    """Every image scored against a held-out view from camera `cam` (1, 4, 4): the model's
+    render, its raw low-res RGB, and the baselines made from the input. -> {key: (1, 3, H, W)}.
+    image, depth (1, ., H, W) the input and its true depth; recon the model's P0 render;
+    own_depth the model's P0 depth at the input's size."""
+    c = model.config
+    out = model.render(planes, cam)
+    pred = out["image"].clamp(-1, 1)
+    warp = lambda img, d: render.forward_warp(img, d, cam, c["fov_deg"], c["radius"])[0]
+    return dict(
+        model=pred,
+        copy=image,                          # the input as it is: a view that did not turn
+        warp=warp(image, depth),             # the input moved by its true depth
+        # The model's P0 reconstruction moved by the true depth: its texture with perfect
+        # geometry. Against the model, the cost of its geometry; against the warp, the cost of
+        # its texture (the reconstruction is not the photo).
+        recwarp=warp(recon, depth),
+        # ... and moved by the model's own P0 depth, as if its volume were a crisp surface
+        # there: against recwarp the cost of its depth, against the model the cost of
+        # rendering a soft volume (and the refinement CNN) instead of that surface.
+        ownwarp=warp(recon, own_depth),
+        # The raw RGB is the volume render itself, before the 2D refinement CNN: exactly
+        # 3D-consistent (bilinearly enlarged where the renderer runs below the image size).
+        raw=enlarge(out["raw"], pred))
+
+
 @torch.no_grad()
 def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, pitch_only=10.0, save=None,
                    keep=False):
     """Score novel-view synthesis on ROOT/_heldout (made by `scenes.py --heldout`).
 
     For every held-out scene: PSNR of the reconstruction at P0 (the ceiling of the novel
-    views) and of the raw low-res RGB there (raw_recon). For every held-out view: PSNR of the
-    model's render, of the input copied as is, of the input forward-warped by its true depth,
-    of the model's reconstruction warped the same way (recwarp) and by the model's own P0
-    depth (ownwarp), and of the model's raw low-res RGB before the 2D refinement (raw),
-    against the true render; at |yaw| =
-    yaw_only (pitch 0) also split into the pixels the input saw and the disoccluded ones
-    (seen_by_input), and at |pitch| = pitch_only (yaw 0) on its own; the Pearson correlation
-    of the model's P0 depth with the true depth, and the slope of one on the other (relief: 1 =
-    as deep as the true scene).
+    views) and of the raw low-res RGB there (raw_recon). For every held-out view: PSNR of each
+    of `candidates` against the true render; at |yaw| = yaw_only (pitch 0) also split into the
+    pixels the input saw and the disoccluded ones (seen_by_input), and at |pitch| = pitch_only
+    (yaw 0) on its own; the Pearson correlation of the model's P0 depth with the true depth,
+    and the slope of one on the other (relief: 1 = as deep as the true scene).
     Returns a dict of means; with keep=True also the images at P0 and at yaw +-yaw_only
     (key "images": input, recon, true, model, warp, copy, recwarp, ownwarp, raw;
     (N, 3, H, W) each) for the metric.
@@ -141,27 +165,11 @@ def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, pitch_only=10.0,
             gt, gt_depth = load_view(scenes.view_stem(held, name, yaw, pitch), c["res"])
             cam = render.orbit_camera(torch.tensor([float(yaw)]), torch.tensor([float(pitch)]),
                                       c["radius"])
-            out = model.render(planes, cam)
-            pred = out["image"].clamp(-1, 1)
-            # The raw RGB is the volume render itself, before the 2D refinement CNN: exactly
-            # 3D-consistent (bilinearly enlarged where the renderer runs below the image size).
-            raw = enlarge(out["raw"], pred)
-            warp = render.forward_warp(image, depth, cam, c["fov_deg"], c["radius"])[0]
-            # The model's own P0 reconstruction moved by the true depth: its texture with
-            # perfect geometry. Against the model, the cost of its geometry; against the warp,
-            # the cost of its texture (the reconstruction is not the photo).
-            recwarp = render.forward_warp(images["recon"][-1], depth, cam, c["fov_deg"],
-                                           c["radius"])[0]
-            # ... and moved by the model's own P0 depth, as if its volume were a crisp surface
-            # there: against recwarp the cost of its depth, against the model the cost of
-            # rendering a soft volume (and the refinement CNN) instead of that surface.
-            ownwarp = render.forward_warp(images["recon"][-1], own_depth, cam, c["fov_deg"],
-                                          c["radius"])[0]
+            shown = candidates(model, planes, cam, image, depth, images["recon"][-1], own_depth)
             the_yaw = abs(abs(yaw) - yaw_only) < 1e-6 and pitch == 0
             the_pitch = abs(abs(pitch) - pitch_only) < 1e-6 and yaw == 0
             seen = render.seen_by_input(gt_depth, cam, depth, c["fov_deg"], c["radius"])
-            for key, img in (("model", pred), ("copy", image), ("warp", warp),
-                             ("recwarp", recwarp), ("ownwarp", ownwarp), ("raw", raw)):
+            for key, img in shown.items():
                 score = psnr(img, gt).item()
                 add(f"psnr_{key}", score)
                 if the_pitch:
@@ -175,7 +183,7 @@ def evaluate_views(model, root, max_scenes=None, yaw_only=20.0, pitch_only=10.0,
                 add(f"unseen_fraction_yaw{yaw_only:g}", 1 - seen.float().mean().item())
                 images["true"].append(gt)
                 if save is not None and i < 6:
-                    grid.append(torch.cat([image, gt, pred, warp], -1))
+                    grid.append(torch.cat([image, gt, shown["model"], shown["warp"]], -1))
     # Means over the images that have such pixels (a view may have no disoccluded pixel).
     result = {k: float(np.nanmean(v)) for k, v in rows.items()}
     result["depth_pearson"] = torch.cat(corr).mean().item()
@@ -277,7 +285,7 @@ def metric_path(root, res):
 def train_metric_net(root, res=64, steps=2000, batch=64, seed=0, n_empty=250, verbose=True):
     """Train the metric network on ROOT's *training* scenes (never the held-out ones), plus
     the same rooms with their objects removed (so "no object" is seen), and cache it in
-    ROOT/_metric/metricnet-RES.pt. A few minutes on a 2-core CPU (README)."""
+    ROOT/_metric/metricnet-RES.pt. A few minutes on a laptop CPU."""
     meta = scenes.read_scene_meta(root)
     if meta is None or not os.path.isfile(os.path.join(root, "params.npy")):
         raise UserError(f"{root}: the metric needs synthetic scenes with their parameters "
@@ -312,7 +320,7 @@ def train_metric_net(root, res=64, steps=2000, batch=64, seed=0, n_empty=250, ve
                 names=list(scenes.PARAM_NAMES), trained_on=os.path.abspath(root), seed=seed,
                 scenes=scene_key(meta), seconds=time.time() - t0)
     path = metric_path(root, res)
-    ae.save_checkpoint(path, ckpt)                                           # atomic
+    training.save_checkpoint(path, ckpt)                                           # atomic
     return load_metric_net(path)
 
 
@@ -322,7 +330,7 @@ def scene_key(meta):
 
 
 def load_metric_net(path):
-    ckpt = ae.load_checkpoint(path, METRIC_KIND, "a metric network (ROOT/_metric/*.pt)")
+    ckpt = training.load_checkpoint(path, METRIC_KIND, "a metric network (ROOT/_metric/*.pt)")
     net = MetricNet(**ckpt["config"])
     net.load_state_dict(ckpt["state"])
     net.mean, net.std, net.seconds = ckpt["mean"], ckpt["std"], ckpt["seconds"]
@@ -347,7 +355,7 @@ def features(net, images, batch=256):
     """Images (N, 3, H, W) in [-1, 1], any size -> the metric's features (N, feat + 9) float64
     and the predicted object count (N,). The features are the network's penultimate layer,
     then the image's low-level statistics (low_level). The first is what the scene is -- and is
-    blind to blur and noise, which change no scene parameter (validation, README) -- the
+    blind to blur and noise, which change no scene parameter (the validation checks it) -- the
     second sees exactly those."""
     feats, counts = [], []
     for i in range(0, len(images), batch):
@@ -442,9 +450,9 @@ def precision_recall(real, fake, k=3):
 
 
 def distances(real, fake, paired=False):
-    """All four numbers between two sets of metric features (N, feat + 9), as a dict (README,
-    Results); and KID on each part alone: "content" (the network's features: objects,
-    colours, layout) and "texture" (low_level: edge energy). Blurry renders and renders with
+    """All four numbers between two sets of metric features (N, feat + 9), as a dict; and KID on
+    each part alone: "content" (the network's features: objects, colours, layout) and
+    "texture" (low_level: edge energy). Blurry renders and renders with
     high-frequency artefacts can score alike on the whole and far apart on the parts, so both
     are reported. paired: fake[i] renders the scene of real[i] (kid; precision and recall do
     not correct for it and read high for paired sets)."""
@@ -543,8 +551,6 @@ def score_samples(net, root, ae_model, ldm, n=256, seed=0, steps=50, yaw=20.0, e
     count, at P0); and the samples' latent spread: the standard deviation of their latents in
     the diffusion model's normalised units, where the data's latents have 1 (a sampler that
     overshoots shows here before anything is decoded)."""
-    import diffusion
-    import sample
     c = ae_model.config
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % ldm.num_classes if ldm.num_classes else None
@@ -554,7 +560,7 @@ def score_samples(net, root, ae_model, ldm, n=256, seed=0, steps=50, yaw=20.0, e
 
     def views(y):                                # all samples from yaw y: (n, 3, res, res)
         cams = render.orbit_camera(torch.full((n,), y), torch.zeros(n), c["radius"])
-        return sample.render_frames(ae_model, planes, cams)[0].clamp(-1, 1)
+        return ae.render_frames(ae_model, planes, cams)[0].clamp(-1, 1)
     # The real views: the held-out inputs, and their true views at -yaw and +yaw.
     held = os.path.join(root, "_heldout")
     files = data_mod.scan_images(held)
@@ -631,8 +637,7 @@ def main(argv=None):
         for k, v in result.items():
             print(f"  {k:28s} {v:.4g}")
     else:
-        import sample
-        ae_model, ldm = sample.load_models(args.ckpt[0], args.ckpt[1], torch.device("cpu"))
+        ae_model, ldm = diffusion.load_models(args.ckpt[0], args.ckpt[1], torch.device("cpu"))
         result = score_samples(net, root, ae_model, ldm, args.n, args.seed, args.steps,
                                eta=args.eta)
         for k, v in result.items():

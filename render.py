@@ -21,7 +21,7 @@ uses. Read it top to bottom:
     7. warping     forward_warp: a photo moved to another camera by its depth map (z-buffer);
                    seen_by_input: which pixels of a novel view the photo saw
 
-Conventions (README, Conventions): OpenCV camera axes (x right, y down, z forward), `cam2world` 4x4
+Conventions: OpenCV camera axes (x right, y down, z forward), `cam2world` 4x4
 matrices, square images with a field of view `fov_deg`. The world is *view space*: the pivot the
 camera orbits is the origin and the input camera P0 sits at (0, 0, -radius) looking down +z.
 
@@ -371,14 +371,11 @@ def render(planes, field, cam2world, fov_deg, res, radius=None, n_coarse=48, n_f
             feat_f = feat_f.view(B, N, n_fine, -1)
             # Compositing needs all samples sorted by distance, but only the densities: sort
             # those (1 channel), get the weights, and hand each weight back to its sample in
-            # the original order. The F-channel features are never concatenated or permuted,
-            # which is the most expensive part of the usual merge-and-sort (bench.py: 1.3x faster
-            # on a CPU for the whole forward + backward). The textbook form, for comparison:
+            # the original order (order.argsort() is the inverse permutation). The F-channel
+            # features are never concatenated or permuted, the costliest part of the textbook
+            # merge-and-sort (1.3x slower for forward + backward on a CPU), which reads:
             #   t, sigma, feat = cat((t_c, t_f)), cat((sigma_c, sigma_f)), cat((feat_c, feat_f))
-            #   order = t.argsort(); w = composite_weights(sigma[order], t[order])
-            #   feat_map = sum_i w_i feat[order][i]
-            # Here w is un-sorted instead: order.argsort() is the inverse permutation (where
-            # each original sample went), so w[i] below is the weight of original sample i.
+            #   order = t.argsort(); feat_map = sum_i composite_weights(...)_i feat[order][i]
             t_all, order = torch.cat([t_c, t_f], -1).sort(-1)               # (B, N, S)
             sigma_all = torch.cat([sigma_c.view(B, N, -1), sigma_f.view(B, N, -1)], -1)
             w_sorted = composite_weights(sigma_all.gather(-1, order), t_all)   # (B, N, S)
@@ -404,8 +401,8 @@ def render(planes, field, cam2world, fov_deg, res, radius=None, n_coarse=48, n_f
 # A photo with a depth map is a cloud of coloured 3D points: lift every pixel along its ray to
 # its depth, then project the points into any other camera. Where they land, the photo says
 # what the new view shows (the pixels it saw); where none land, it has no say (disocclusions).
-# evaluate.py builds its depth-warp baseline from this; autoencoder.py's --warp-weight uses it
-# to check the seen pixels of its novel views against the photo itself.
+# evaluate.py builds its depth-warp baseline from this, and its split of a novel view into the
+# pixels the photo saw and the disoccluded ones.
 def lift(depth, cam2world, fov_deg):
     """Every pixel of a z-depth map (B, 1, H, W) seen from cam2world (B, 4, 4) -> world points
     (B, H*W, 3): the pixel centre's ray (u, v, 1) in camera space, scaled by its z-depth."""

@@ -3,8 +3,8 @@ sample.py -- generate 3D scenes with a trained WildFusion, look at them, and run
 applications (Sec. 4): novel views of a photo, 3D-aware interpolation, generative resampling,
 geometry export, and the metrics.
 
-    python sample.py --demo                   # everything, tiny: 14-49 min on 2 cores (README)
-    python sample.py --demo --preset small    # the same at 64 px: 39-67 min on 2 cores (README)
+    python sample.py --demo                   # everything, tiny (32 px), on a laptop CPU
+    python sample.py --demo --preset small    # the same at 64 px
     python sample.py --ae runs/ae/ckpt.pt --ldm runs/ldm/ckpt.pt --n 16 --out samples/
     python sample.py --ae A --ldm L --class dog --cfg 3             # class-conditional + guidance
     python sample.py --ae A --image photo.jpg                      # novel views of one photo
@@ -19,7 +19,7 @@ Every mode writes files a person opens (PNG grids, GIF turntables, PLY point clo
 wrote them.
 
 Map of the file:
-    1. loading             the two checkpoints, and that they belong together; a photo
+    1. loading             a photo, a class name (the checkpoints: diffusion.load_models)
     2. cameras and frames  turntable cameras, rendering frames in chunks, PNG / GIF writers
     3. the 3D viewer       views on a yaw x pitch grid as sprites in one offline HTML page
     4. modes               generate, novel views of a photo, interpolation, resampling
@@ -48,28 +48,17 @@ import diffusion
 import evaluate
 import render
 import scenes
+import training
+from autoencoder import render_frames
 from data import UserError
+
+FPS = 20                  # frames per second of the GIFs
+PITCH = 5.0               # degrees: the turntable's pitch wobble (and the metrics' pitch range)
 
 
 # ---------------------------------------------------------------------------------------------
 # 1. Loading
 # ---------------------------------------------------------------------------------------------
-def load_models(ae_path, ldm_path, device):
-    """The autoencoder and (optionally) the diffusion model, refusing a pair that does not belong
-    together: the diffusion model learned the latents of one autoencoder, and any other decodes
-    its samples into noise."""
-    if not ae_path:
-        raise UserError("--ae is required: the autoencoder checkpoint (runs/ae/ckpt.pt)")
-    ae_model = ae.load(ae_path, device)
-    if not ldm_path:
-        return ae_model, None
-    ldm = diffusion.load(ldm_path, device)
-    if ldm.config.get("ae_id") != diffusion.file_id(ae_path):
-        raise UserError(f"{ldm_path} was trained on the latents of another autoencoder "
-                        f"({ldm.config.get('ae_path')}), not {ae_path}; pass that one as --ae")
-    return ae_model, ldm
-
-
 def load_photo(path, ae_model, device):
     """A photo (and its depth map, if DIR/depth/STEM.npy or .png exists beside it) ->
     image (1, 3, res, res) in [-1, 1], depth (1, 1, res, res) or None. Read exactly as the
@@ -88,9 +77,6 @@ def load_photo(path, ae_model, device):
     image = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().to(device) / 127.5 - 1
     if depth is not None:
         depth = torch.from_numpy(depth)[None, None].to(device)               # (1, 1, res, res)
-    if ae_model.config["depth_input"] and depth is None:
-        raise UserError(f"{path}: this autoencoder needs the image's depth map; make it with "
-                        f"`python data.py depth {folder}` (it writes {folder}/depth/)")
     return image, depth
 
 
@@ -117,23 +103,6 @@ def turntable_cameras(frames, yaw, pitch, radius):
     k = torch.arange(frames, dtype=torch.float32) / frames
     return render.orbit_camera(yaw * torch.sin(2 * math.pi * k),
                                pitch * torch.sin(4 * math.pi * k), radius)
-
-
-@torch.no_grad()
-def render_frames(ae_model, planes, cams, chunk=16, res=None):
-    """Render scene i from camera i: planes (N, 3, C, R, R), or (1, ...) for one scene seen from
-    every camera; cams (N, 4, 4). -> image (N, 3, H, W) in [-1, 1], depth and opacity (N, 1, h,
-    w), on the CPU. `chunk` views at a time, so memory stays flat however many frames a video
-    has. res: output size (default the model's)."""
-    images, depths, opacities = [], [], []
-    planes = planes.expand(len(cams), -1, -1, -1, -1)        # a view, not a copy, when N = 1
-    for lo in range(0, len(cams), chunk):
-        out = ae_model.render(planes[lo:lo + chunk], cams[lo:lo + chunk].to(planes.device),
-                              res=res)
-        images.append(out["image"].clamp(-1, 1).cpu())
-        depths.append(out["depth"].cpu())
-        opacities.append(out["opacity"].cpu())
-    return torch.cat(images), torch.cat(depths), torch.cat(opacities)
 
 
 def depth_colours(depths, opacities, size):
@@ -177,11 +146,11 @@ def save_grid(images, path, nrow):
 
 def turntable(ae_model, planes, path, args):
     """One scene -> a GIF of RGB | depth along the turntable path (+ a PNG strip of it)."""
-    cams = turntable_cameras(args.frames, args.yaw, args.pitch, ae_model.config["radius"])
+    cams = turntable_cameras(args.frames, args.yaw, PITCH, ae_model.config["radius"])
     frames = side_by_side(*render_frames(ae_model, planes, cams))
     # and a PNG strip of 6 evenly spaced frames, for pages that cannot show a GIF
     save_grid(frames[::math.ceil(len(frames) / 6)], path[:-4] + "_strip.png", 6)
-    return save_gif(frames, path, args.fps)
+    return save_gif(frames, path, FPS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,6 +383,7 @@ def novel_views(ae_model, args, device):
     gif = turntable(ae_model, planes, os.path.join(args.out, f"{stem}_turntable.gif"), args)
     png = os.path.join(args.out, f"{stem}_views.png")
     ae.view_grid(ae_model, planes, args.yaw, png, first=[image])
+    pipeline_figure(ae_model, image, os.path.join(args.out, f"{stem}_pipeline.png"))
     if args.export_ply:
         print("wrote " + export_ply(ae_model, planes, os.path.join(args.out, f"{stem}.ply")))
     if args.viewer:
@@ -448,9 +418,9 @@ def interpolate(ae_model, ldm, args, device):
     # eta = 0: deterministic, so neighbouring noises give neighbouring scenes (a smooth video).
     z = torch.cat([diffusion.ddim_sample(ldm, None, args.steps, noise=noise[lo:lo + 16])
                    for lo in range(0, args.frames, 16)])
-    cams = turntable_cameras(args.frames, args.yaw, args.pitch, ae_model.config["radius"])
+    cams = turntable_cameras(args.frames, args.yaw, PITCH, ae_model.config["radius"])
     frames = side_by_side(*render_frames(ae_model, ae_model.decode(z), cams))  # frame i: z i
-    path = save_gif(frames, os.path.join(args.out, "interpolation.gif"), args.fps)
+    path = save_gif(frames, os.path.join(args.out, "interpolation.gif"), FPS)
     print(f"wrote {path} ({args.frames} frames)")
     return dict(gif=path, z=z, ends=ends)
 
@@ -478,13 +448,88 @@ def resample_photo(ae_model, ldm, args, device):
     return path
 
 
+def plane_colours(planes):
+    """Triplane features (3, C, R, R) -> three RGB pictures (3, 3, R, R) in [-1, 1]: each
+    texel's C features projected on their top three principal components (shared by the
+    three planes, so one colour means one feature vector on every plane)."""
+    P, C, R, _ = planes.shape
+    x = planes.permute(0, 2, 3, 1).reshape(-1, C)                             # (3RR, C)
+    x = x - x.mean(0)
+    _, _, v = torch.linalg.svd(x, full_matrices=False)                        # v (C, C)
+    y = x @ v[:3].T                                                           # (3RR, 3)
+    lo, hi = y.quantile(0.02, dim=0), y.quantile(0.98, dim=0)
+    y = ((y - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1) * 2 - 1
+    return y.view(P, R, R, 3).permute(0, 3, 1, 2)                             # (3, 3, R, R)
+
+
+def latent_tiles(z):
+    """A latent (C, h, w) -> one grey picture (3, rows * h, 4 * w) in [-1, 1]: its channels
+    side by side, four to a row, each stretched to its own range."""
+    C, h, w = z.shape
+    z = torch.cat([z, z.new_zeros((-C) % 4, h, w)]) if C % 4 else z
+    lo = z.flatten(1).amin(1)[:, None, None]
+    hi = z.flatten(1).amax(1)[:, None, None]
+    z = (z - lo) / (hi - lo).clamp_min(1e-6) * 2 - 1
+    tiles = z.view(-1, 4, h, w).permute(0, 2, 1, 3).reshape(-1, 4 * w)        # (rows h, 4w)
+    return tiles.expand(3, -1, -1)
+
+
+@torch.no_grad()
+def pipeline_figure(ae_model, image, path, ldm=None, seed=0):
+    """The method in one picture, drawn from the model's own tensors. Row 1 (stage 1): a photo
+    -> its latent z (channels) -> the triplane decoded from z (planes xy, xz, yz) -> renders
+    and depth from P0 and from views turned by -20 and +20 degrees. Row 2 (stage 2, with a
+    diffusion model): Gaussian noise z_T -> DDIM -> a new z_0 -> its triplane and renders."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    device = image.device
+    cams = render.orbit_camera(torch.tensor([0.0, -20.0, 20.0]), torch.zeros(3),
+                               ae_model.config["radius"])
+
+    def row(z):                                       # z (1, C, h, w) -> [(title, picture)]
+        planes = ae_model.decode(z)                                           # (1, 3, C, R, R)
+        images, depths, opacities = render_frames(ae_model, planes, cams)     # (3, 3, H, W)
+        depth = depth_colours(depths[:1], opacities[:1], images.shape[-1])[0]
+        return ([(f"plane {n}", p) for n, p in zip(("xy", "xz", "yz"),
+                                                     plane_colours(planes[0].cpu()))]
+                + [("render P0", images[0]), ("depth P0", depth),
+                   ("yaw -20", images[1]), ("yaw +20", images[2])])
+    z = ae_model.encode(image)                                               # (1, C, h, w)
+    rows = [[("photo", image[0].cpu()), (f"z {tuple(z.shape[1:])}", latent_tiles(z[0].cpu()))]
+            + row(z)]
+    if ldm is not None:
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn((1, *ldm.config["latent_shape"]), generator=g).to(device)
+        z0 = diffusion.ddim_sample(ldm, None, 50, noise=noise)
+        rows.append([("noise z_T", latent_tiles(ldm.denormalize(noise)[0].cpu())),
+                     ("DDIM -> z_0", latent_tiles(z0[0].cpu()))] + row(z0))
+    fig, axes = plt.subplots(len(rows), 9, figsize=(18, 2.3 * len(rows)), squeeze=False)
+    for r, items in enumerate(rows):
+        for ax, (title, pic) in zip(axes[r], items):
+            ax.imshow(((pic.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy(),
+                      interpolation="nearest")
+            ax.set_title(title, fontsize=10)
+            ax.axis("off")
+    axes[0][0].text(-0.15, 0.5, "stage 1: encode,\ndecode, render", rotation=90,
+                    transform=axes[0][0].transAxes, ha="right", va="center", fontsize=10)
+    if ldm is not None:
+        axes[1][0].text(-0.15, 0.5, "stage 2: sample z,\ndecode, render", rotation=90,
+                        transform=axes[1][0].transAxes, ha="right", va="center", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. Geometry: a coloured point cloud from rendered depth
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def point_cloud(ae_model, planes, yaws=(-20.0, 0.0, 20.0), min_opacity=0.5):
-    """Unproject the rendered depth of a few views into world points (view space: README,
-    Conventions).
+    """Unproject the rendered depth of a few views into world points (view space: the
+    pivot is the origin, P0 sits at (0, 0, -radius)).
 
     A pixel's ray has unit direction d; z-depth D is the distance along the optical axis f, so
     the point is o + d * D / (d . f). Only pixels whose ray is mostly absorbed (opacity above
@@ -571,7 +616,7 @@ def metrics(ae_model, planes, args):
     fake_dir = os.path.join(args.out, "fid_views")
     os.makedirs(fake_dir, exist_ok=True)
     torch.manual_seed(args.seed)                          # one random novel view per sample
-    views = render_frames(ae_model, planes, ae.random_cameras(len(planes), args.yaw, args.pitch,
+    views = render_frames(ae_model, planes, ae.random_cameras(len(planes), args.yaw, PITCH,
                                                               c["radius"]))[0]
     for i, im in enumerate(views):
         ae.save_image(im, os.path.join(fake_dir, f"{i:05d}.png"))
@@ -586,33 +631,6 @@ def metrics(ae_model, planes, args):
 # ---------------------------------------------------------------------------------------------
 # 7. The demo and the command line
 # ---------------------------------------------------------------------------------------------
-def seconds_per_call(fn, warm=1, reps=3):
-    """Median wall time of fn() over `reps` calls, after `warm` untimed ones (the first calls
-    pay for memory allocation and lazy initialisation)."""
-    def sync():                 # checked each time: fn() itself may be what first touches CUDA
-        if torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-    for _ in range(warm):
-        fn()
-    times = []
-    for _ in range(reps):
-        sync()                                  # GPU work is asynchronous: wait for it before
-        t0 = time.perf_counter()                # reading the clock, on both sides
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
-def steps_done(path):
-    """The step a checkpoint was saved at (0 when there is none): what --resume skips. A file
-    that does not load counts as 0 here; the training script then says what is wrong with it."""
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
-    except Exception:
-        return 0
-
-
 def estimate_demo(ae_args, ldm_args, args, data_root):
     """Seconds each demo stage should take on this machine, from a short timed warm-up: a few
     calls of each network on random tensors of the real shapes (nothing is written).
@@ -624,7 +642,7 @@ def estimate_demo(ae_args, ldm_args, args, data_root):
     meta = scenes.read_scene_meta(data_root)
     if meta is None or meta["n"] < ae_args.n_scenes:
         rng, cam = np.random.default_rng(0), scenes.scene_camera(0, 0)
-        per = seconds_per_call(lambda: scenes.render_scene(scenes.random_scene(rng), cam,
+        per = training.seconds_per_call(lambda: scenes.render_scene(scenes.random_scene(rng), cam,
                                                            res=max(ae_args.res, 64)))
         renders = ae_args.n_scenes + 64 * (1 + len(scenes.parse_views(scenes.DEFAULT_VIEWS)))
         est["scenes"] = (per * renders, f"render {ae_args.n_scenes} + 64 held-out scenes "
@@ -636,9 +654,9 @@ def estimate_demo(ae_args, ldm_args, args, data_root):
     B, res = warm.batch, warm.res
     image = torch.rand(B, 3, res, res, device=device) * 2 - 1
     depth = 1 + 3 * torch.rand(B, 1, res, res, device=device)
-    per = seconds_per_call(lambda: ae.autoencoder_step(model, disc, opt, [(image, depth)], warm,
-                                                       warm.adv_weight > 0, None, plain))
-    left = ae_args.steps - steps_done(os.path.join(ae_args.out, "ckpt.pt"))
+    per = training.seconds_per_call(lambda: ae.autoencoder_step(
+        model, disc, opt, [(image, depth)], warm, warm.adv_weight > 0, None, plain))
+    left = ae_args.steps - training.steps_done(os.path.join(ae_args.out, "ckpt.pt"))
     est["autoencoder"] = (per * left, f"train the {args.preset} autoencoder: {left} steps x "
                                       f"{per * 1e3:.0f} ms")
     # 2. diffusion steps on random latents of the autoencoder's latent shape
@@ -647,20 +665,20 @@ def estimate_demo(ae_args, ldm_args, args, data_root):
     ema = diffusion.LatentDiffusion(diffusion.model_config(ldm_args, shape, [])).to(device)
     opt = torch.optim.AdamW(ldm.parameters(), lr=ldm_args.lr)
     x0 = torch.randn(ldm_args.batch, *shape, device=device)
-    per = seconds_per_call(lambda: diffusion.train_step(ldm, ema, opt, [(x0, None)], 0,
-                                                        ldm_args, plain))
-    left = ldm_args.steps - steps_done(os.path.join(ldm_args.out, "ckpt.pt"))
+    per = training.seconds_per_call(lambda: diffusion.train_step(
+        ldm, ema, opt, [(x0, None)], 0, ldm_args, plain))
+    left = ldm_args.steps - training.steps_done(os.path.join(ldm_args.out, "ckpt.pt"))
     est["diffusion"] = (per * left, f"encode the scenes, train the {args.preset} diffusion "
                                     f"model: {left} steps x {per * 1e3:.0f} ms")
     # 3. sampling: count the UNet evaluations (batches of <= 16) and the rendered frames
     ldm.eval()
     t = torch.full((16,), 500, device=device)
-    unet = seconds_per_call(lambda: torch.no_grad()(ldm.predict)(x0[:16], t))
+    unet = training.seconds_per_call(lambda: torch.no_grad()(ldm.predict)(x0[:16], t))
     model.eval()
     with torch.no_grad():
         planes = model.decode(torch.randn(1, *shape, device=device))
     cams = ae.random_cameras(16, 20.0, 5.0, warm.radius).to(device)
-    frame = seconds_per_call(lambda: render_frames(model, planes, cams)) / 16
+    frame = training.seconds_per_call(lambda: render_frames(model, planes, cams)) / 16
     n, F_, S = args.n, args.frames, args.steps
     evals = (S * math.ceil(n / 16) + S * math.ceil(F_ / 16) +           # samples, interpolation
              sum(math.ceil(s * S) for s in args.strengths))                  # resampling
@@ -672,11 +690,10 @@ def estimate_demo(ae_args, ldm_args, args, data_root):
     return est
 
 
-def demo(args):
-    """The whole pipeline on the synthetic scenes with the --preset's models (tiny: 32 px,
-    small: 64 px): train (or reuse) the autoencoder and the diffusion model under runs/demo/
-    (runs/demo-small/), then sample everything, write the viewer, and end with a summary of
-    files, metrics and times."""
+def demo_plan(args):
+    """The demo's two training runs (their flags, as if typed), and the printed plan with a
+    time per stage from a short warm-up on this machine. -> (ae_args, ldm_args, data_root,
+    estimate {stage: (seconds, what)})."""
     # Both training stages run on the demo's device and thread count.
     common = ["--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
     run = os.path.join("runs", "demo" if args.preset == "tiny" else f"demo-{args.preset}")
@@ -690,8 +707,6 @@ def demo(args):
     ldm_args = diffusion.get_args(["--preset", args.preset, "--ae", ae_path, "--out", ldm_dir,
                                    *common] + (["--resume"] if os.path.isfile(ldm_path) else []))
     data_root = ae.default_data_root(ae_args.res)
-
-    # The plan, with times from a short warm-up on this machine.
     print("WildFusion demo: synthetic 3D scenes -> 3D-aware autoencoder -> latent diffusion -> "
           "new 3D scenes.\nTimed warm-up (a few steps of each network on random tensors)...")
     est = estimate_demo(ae_args, ldm_args, args, data_root)
@@ -702,67 +717,86 @@ def demo(args):
              else f"{torch.get_num_threads()} CPU threads")
     print(f"  estimated total ~{total / 60:.0f} min on {where} "
           f"(each stage shows a progress bar; Ctrl-C and run again to resume)")
-    took = {}
+    return ae_args, ldm_args, data_root, est
 
-    t0 = time.time()
-    if "scenes" in est:
-        print(f"== scenes: rendering into {data_root} (python scenes.py) ==")
-        ae.default_data(ae_args)                 # the same call autoencoder.py makes itself
-        took["scenes"] = time.time() - t0
-    print(f"== stage 1: the 3D-aware autoencoder (python autoencoder.py --preset {args.preset} "
-          f"--out {ae_dir}) ==")
-    t0 = time.time()
-    ae.train(ae_args)
-    took["autoencoder"] = time.time() - t0
-    print(f"== stage 2: latent diffusion (python diffusion.py --preset {args.preset} "
-          f"--ae {ae_path} --out {ldm_dir}) ==")
-    t0 = time.time()
-    diffusion.train(ldm_args)
-    took["diffusion"] = time.time() - t0
 
-    print(f"== sampling into {args.out} ==")
-    t0 = time.time()
-    args.ae, args.ldm, args.metrics, args.viewer = ae_path, ldm_path, True, False
+def demo_samples(args, data_root):
+    """The demo's last stage: samples, every application once, the viewer, the pipeline
+    figure and the novel-view scores. -> dict of what it wrote and measured."""
+    args.metrics, args.viewer = True, False
     device = torch.device(args.device)
-    ae_model, ldm = load_models(ae_path, ldm_path, device)
+    ae_model, ldm = diffusion.load_models(args.ae, args.ldm, device)
     bar = tqdm(total=6, desc="sampling", unit="part")
     out = generate(ae_model, ldm, args, device)                                 # GIFs, grids
     bar.update()
     # Every application once: interpolation between two seeds, novel views and resampling
     # of a held-out photo the autoencoder never trained on.
     args.interp_seeds = [args.seed + 1, args.seed + 2]
-    interp = interpolate(ae_model, ldm, args, device)
+    out["interp"] = interpolate(ae_model, ldm, args, device)["gif"]
     bar.update()
     held = os.path.join(data_root, "_heldout")
     photo = sorted(f for f in os.listdir(held) if f.endswith(".png"))[0]
     args.image = args.resample = os.path.join(held, photo)
     nv = novel_views(ae_model, args, device)
+    out["novel"] = nv["gif"]
     bar.update()
     resample_photo(ae_model, ldm, args, device)
+    pipeline_figure(ae_model, nv["image"], os.path.join(args.out, "pipeline.png"), ldm,
+                    seed=args.seed)
     bar.update()
     # One page to turn every scene by hand: the samples, then the held-out photo.
-    viewer = write_viewer(ae_model, [(f"sample {i}", out["planes"][i:i + 1])
-                                     for i in range(args.n)] +
-                          [(f"held-out photo {photo}", nv["planes"])],
-                          os.path.join(args.out, "viewer.html"))
+    out["viewer"] = write_viewer(ae_model, [(f"sample {i}", out["planes"][i:i + 1])
+                                            for i in range(args.n)] +
+                                 [(f"held-out photo {photo}", nv["planes"])],
+                                 os.path.join(args.out, "viewer.html"))
     bar.update()
     # How good are the autoencoder's novel views? Held-out scenes against their true views.
-    scores = evaluate.evaluate_views(ae_model, data_root,
-                                     save=os.path.join(args.out, "eval_views.png"))
+    out["eval"] = evaluate.evaluate_views(ae_model, data_root,
+                                          save=os.path.join(args.out, "eval_views.png"))
     bar.update()
     bar.close()
+    return out
+
+
+def demo(args):
+    """The whole pipeline on the synthetic scenes with the --preset's models (tiny: 32 px,
+    small: 64 px): train (or reuse) the autoencoder and the diffusion model under runs/demo/
+    (runs/demo-small/), then sample everything, write the viewer, and end with a summary of
+    files, metrics and times."""
+    ae_args, ldm_args, data_root, est = demo_plan(args)
+    args.ae, args.ldm = os.path.join(ae_args.out, "ckpt.pt"), os.path.join(ldm_args.out,
+                                                                           "ckpt.pt")
+    took = {}
+    t0 = time.time()
+    if "scenes" in est:
+        print(f"== scenes: rendering into {data_root} (python scenes.py) ==")
+        ae.default_data(ae_args)                 # the same call autoencoder.py makes itself
+        took["scenes"] = time.time() - t0
+    print(f"== stage 1: the 3D-aware autoencoder (python autoencoder.py --preset {args.preset} "
+          f"--out {ae_args.out}) ==")
+    t0 = time.time()
+    ae.train(ae_args)
+    took["autoencoder"] = time.time() - t0
+    print(f"== stage 2: latent diffusion (python diffusion.py --preset {args.preset} "
+          f"--ae {args.ae} --out {ldm_args.out}) ==")
+    t0 = time.time()
+    diffusion.train(ldm_args)
+    took["diffusion"] = time.time() - t0
+    print(f"== sampling into {args.out} ==")
+    t0 = time.time()
+    out = demo_samples(args, data_root)
     took["sampling"] = time.time() - t0
 
     # The summary: where everything is, what was measured, how long it took.
-    m = out["metrics"]
+    m, scores = out["metrics"], out["eval"]
     print("\n== done ==")
-    print(f"open in a browser:  {viewer}   (drag to turn the scenes)")
+    print(f"open in a browser:  {out['viewer']}   (drag to turn the scenes)")
     print("GIFs (RGB | depth): " + "\n                    ".join(
-        out["gifs"][:3] + ["... " + os.path.join(args.out, "turntable_*.gif"), interp["gif"],
-                           nv["gif"]]))
-    print(f"pictures:           {os.path.join(args.out, '*.png')} (grid, multiview, "
+        out["gifs"][:3] + ["... " + os.path.join(args.out, "turntable_*.gif"), out["interp"],
+                           out["novel"]]))
+    print(f"pictures:           {os.path.join(args.out, '*.png')} (pipeline, grid, multiview, "
           f"resampling, eval_views)")
-    print(f"checkpoints:        {ae_path}  {ldm_path}")
+    print(f"checkpoints:        {args.ae}  {args.ldm}")
     print(f"novel views of 64 held-out scenes at yaw +-20 (PSNR, dB): model "
           f"{scores['psnr_model_yaw20']:.2f}, copy the input {scores['psnr_copy_yaw20']:.2f}, "
           f"warp by true depth {scores['psnr_warp_yaw20']:.2f}; depth Pearson "
@@ -772,7 +806,7 @@ def demo(args):
     print("time per stage (estimate -> actual): " + ", ".join(
         f"{k} {est[k][0] / 60:.1f} -> {v / 60:.1f} min" for k, v in took.items()))
     return dict(took=took, estimate={k: v[0] for k, v in est.items()}, eval=scores, metrics=m,
-                viewer=viewer)
+                viewer=out["viewer"])
 
 
 def get_args(argv=None):
@@ -805,16 +839,14 @@ def get_args(argv=None):
     a("--real", help="real image folder for FID/KID (default: the autoencoder's training "
       "folder)")
     a("--frames", type=int, default=60, help="frames per GIF")
-    a("--fps", type=int, default=20)
     a("--yaw", type=float, default=25.0, help="turntable yaw amplitude, degrees")
-    a("--pitch", type=float, default=5.0, help="turntable pitch wobble, degrees")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = p.parse_args(argv)
     if args.n is not None and args.n < 1:
         raise UserError("--n must be at least 1")
-    if args.frames < 2 or args.steps < 1 or args.fps < 1:
-        raise UserError("--frames must be at least 2, --steps and --fps at least 1")
+    if args.frames < 2 or args.steps < 1:
+        raise UserError("--frames must be at least 2, --steps at least 1")
     try:
         args.strengths = [float(s) for s in str(args.strength).split(",")]
         assert all(0 <= s <= 1 for s in args.strengths)
@@ -835,7 +867,7 @@ def main(argv=None):
     if needs_ldm and not args.ldm:
         raise UserError("--ldm is required for sampling, --interp and --resample (only --image "
                         "works with the autoencoder alone)")
-    ae_model, ldm = load_models(args.ae, args.ldm if needs_ldm else None, device)
+    ae_model, ldm = diffusion.load_models(args.ae, args.ldm if needs_ldm else None, device)
     if args.image:
         return novel_views(ae_model, args, device)
     if args.interp or args.interp_seeds:

@@ -40,7 +40,7 @@ from data import UserError, run_cli
 # ---------------------------------------------------------------------------------------------
 # Each scene: 2-4 primitives (spheres, boxes turned about the vertical axis, upright cylinders)
 # resting on a chequered floor, in front of a striped back wall, lit by one directional light
-# with hard shadows plus ambient light. Everything is in view space (README, Conventions): the input
+# with hard shadows plus ambient light. Everything is in view space: the input
 # camera P0 sits at (0, 0, -radius) looking down +z at the pivot, y points down, so the floor is
 # the plane y = +floor_y and "up" is -y. The caster is independent of render.py on purpose: the
 # data must not share a bug with the renderer it is used to test.

@@ -287,6 +287,6 @@ def test_exif_rotated_jpeg_and_its_depth_map_line_up_in_data_and_sample(tmp_path
     assert img[2, -6:].mean() > 0.8 and img[0, -6:].mean() < -0.8         # bottom: blue
     d = item["depth"][0]
     assert (d[1:, 0] >= d[:-1, 0]).all() and d[-1, 0] > d[0, 0]           # farther downwards
-    model = types.SimpleNamespace(config=dict(res=16, depth_input=False))   # what it reads
+    model = types.SimpleNamespace(config=dict(res=16))                      # what it reads
     image, dep = S.load_photo(str(tmp_path / "phone.jpg"), model, "cpu")
     assert torch.equal(image[0], img) and torch.equal(dep[0], item["depth"])

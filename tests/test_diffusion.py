@@ -14,30 +14,8 @@ import torch.nn as nn
 import autoencoder as ae
 import diffusion as D
 import scenes
+from conftest import AE_MICRO, LDM_MICRO, ROOT
 from data import UserError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AE_MICRO = ["--preset", "tiny", "--res", "16", "--render-res", "16", "--z-res", "4",
-            "--enc-ch", "8", "--dec-dim", "16", "--dec-depth", "1", "--dec-heads", "2",
-            "--plane-ch", "4", "--plane-res", "8", "--hidden", "8", "--feat-ch", "4",
-            "--up-ch", "8", "--n-coarse", "8", "--n-fine", "8", "--disc-ch", "8", "--batch", "2",
-            "--threads", "1", "--depth-weight", "0", "--adv-weight", "0"]
-LDM_MICRO = ["--preset", "tiny", "--ch", "16", "--ch-mult", "1,2", "--attn-res", "2",
-             "--batch", "4", "--sample-steps", "3", "--threads", "1"]
-
-
-@pytest.fixture(scope="module")
-def ae_ckpt(tmp_path_factory):
-    """A 2-step micro autoencoder on 6 scenes in two class folders (a/, b/)."""
-    root = tmp_path_factory.mktemp("ae")
-    scenes.make_scenes(str(root / "raw"), 6, res=16, aa=1, verbose=False)
-    for i, f in enumerate(sorted(f for f in os.listdir(root / "raw") if f.endswith(".png"))):
-        os.makedirs(root / "imgs" / "ab"[i % 2], exist_ok=True)
-        shutil.copy(root / "raw" / f, root / "imgs" / "ab"[i % 2] / f)
-    ae.train(ae.get_args(AE_MICRO + ["--data", str(root / "imgs"), "--out", str(root / "run"),
-                                     "--steps", "2", "--every", "2"]))
-    return str(root / "run" / "ckpt.pt")
-
 
 def ldm_args(ae_path, out, *extra):
     return D.get_args(LDM_MICRO + ["--ae", ae_path, "--out", str(out), *extra])
@@ -75,31 +53,6 @@ def test_eps_and_v_conversions_invert_each_other():
     assert torch.allclose(eps_v, eps, atol=1e-5) and torch.allclose(x0_v, x0, atol=1e-5)
     eps_e, x0_e = D.eps_x0_from_eps(x_t, eps, a)
     assert torch.allclose(x0_e, x0, atol=1e-3)
-
-
-@pytest.mark.parametrize("pred", ["eps", "v"])
-def test_min_snr_loss_is_the_x0_error_weighted_by_min_snr_gamma(pred):
-    """Min-SNR-gamma: whatever the target, the weighted loss is min(SNR, gamma) |x0_hat - x0|^2
-    per sample (Hang et al. 2023), recomputed here from x_0 by hand; gamma = 0 is the plain MSE."""
-    torch.manual_seed(0)
-    model = D.toy_model(pred).eval()
-    x0 = torch.randn(64, 2, 4, 4)
-    torch.manual_seed(1)
-    weighted = model.loss(x0, min_snr=5.0)
-    torch.manual_seed(1)                                      # the same t and noise again
-    t = torch.randint(0, model.T, (64,))
-    eps = torch.randn_like(x0)
-    a = model.alpha_bar[t]
-    with torch.no_grad():
-        _, x0_hat = model.predict(D.q_sample(x0, a, eps), t)
-    snr = a / (1 - a)
-    expect = (snr.clamp(max=5.0) * (x0_hat - x0).square().mean((1, 2, 3))).mean()
-    assert torch.allclose(weighted, expect, rtol=1e-3), (weighted, expect)
-    torch.manual_seed(1)
-    plain = model.loss(x0)
-    assert not torch.allclose(plain, weighted, rtol=1e-2)     # the weights do change the loss
-    torch.manual_seed(1)
-    assert torch.equal(model.loss(x0, min_snr=0.0), plain)
 
 
 # --- samplers with an exact denoiser -------------------------------------------------------------
@@ -290,8 +243,8 @@ def test_bad_inputs_are_one_clear_error(ae_ckpt, tmp_path):
         D.ddim_sample(uncond, (1, 4, 4, 4), steps=2, cfg=3.0)
     with pytest.raises(UserError, match="levels need the latent size"):
         D.train(ldm_args(ae_ckpt, tmp_path / "z", "--ch-mult", "1,2,2,2"))
-    with pytest.raises(UserError, match="--min-snr must be >= 0"):
-        D.train(ldm_args(ae_ckpt, tmp_path / "z", "--min-snr", "-1"))
+    with pytest.raises(UserError, match="--p-uncond must be in"):
+        D.train(ldm_args(ae_ckpt, tmp_path / "z", "--p-uncond", "1"))
     p = subprocess.run([sys.executable, os.path.join(ROOT, "diffusion.py"), "--ae", ldm_path,
                         "--out", str(tmp_path / "w")], capture_output=True, text=True)
     assert p.returncode != 0 and "Traceback" not in p.stderr

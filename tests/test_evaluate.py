@@ -8,12 +8,21 @@ import pytest
 import torch
 
 import autoencoder as ae
+import diffusion as D
 import evaluate as E
 import render
 import scenes as scenes_mod
 from data import UserError
-from test_autoencoder import micro_args, scenes  # noqa: F401  (the 4-scene folder fixture)
-from test_sample import ae_ckpt, ldm_ckpt  # noqa: F401  (micro autoencoder + diffusion)
+from conftest import micro_args
+
+
+def test_psnr_is_computed_on_images_in_0_1():
+    """Images live in [-1, 1], PSNR is defined for [0, 1] (peak 1): a difference of 0.2 in
+    [-1, 1] is 0.1 in [0, 1], MSE 0.01, exactly 20 dB (on [-1, 1] it would read 13.98)."""
+    a, b = torch.zeros(2, 3, 8, 8), torch.full((2, 3, 8, 8), 0.2)
+    assert torch.allclose(E.psnr(a, b), torch.full((2,), 20.0), atol=1e-4)
+    assert torch.allclose(E.psnr(-torch.ones(1, 3, 4, 4), torch.ones(1, 3, 4, 4)),
+                          torch.zeros(1), atol=1e-6)           # black vs white: MSE 1, 0 dB
 
 
 def test_psnr_with_a_mask_ignores_the_masked_out_pixels():
@@ -213,7 +222,7 @@ def test_metric_passes_its_validation(metric_root, monkeypatch):
         assert all(a < b for a, b in zip(ladder, ladder[1:])), (name, ladder)
         assert kid[(name, strengths[-1])] > kid[("real (disjoint)", 0.0)]
     # Unbiased KID: two real sets are within noise of 0; rooms without objects are not. (At
-    # full size, 64 px and 2000 steps, the gaps are far larger: README, Results.)
+    # full size, 64 px and 2000 steps, the gaps are far larger: docs/RESULTS.md.)
     r = {row["set"]: row for row in rows}
     assert abs(r["real (disjoint)"]["kid"]) < 2 * r["real (disjoint)"]["kid_se"]
     assert r["empty rooms"]["kid"] > 2 * r["empty rooms"]["kid_se"]
@@ -224,14 +233,13 @@ def test_metric_passes_its_validation(metric_root, monkeypatch):
     assert r["empty rooms"]["kid_content"] > 2 * r["empty rooms"]["kid_content_se"]
 
 
-def test_score_samples_counts_samples_without_objects(ae_ckpt, ldm_ckpt, tmp_path):  # noqa: F811
+def test_score_samples_counts_samples_without_objects(ae_ckpt, ldm_ckpt, tmp_path):
     """(a): samples at P0 and yaw +-20 against the held-out real views, and the fraction the
     metric network counts no object in -- all of them for a network whose count head always
     says 0, none for one that always says 2."""
-    import sample
     root = str(tmp_path / "scenes")
     scenes_mod.make_scenes(root, 2, res=16, heldout=3, views="-20:0,20:0", aa=1, verbose=False)
-    ae_model, ldm = sample.load_models(ae_ckpt, ldm_ckpt, torch.device("cpu"))
+    ae_model, ldm = D.load_models(ae_ckpt, ldm_ckpt, torch.device("cpu"))
     net = E.MetricNet(len(scenes_mod.PARAM_NAMES), res=16).eval()
     for count, expect in ((0, 1.0), (2, 0.0)):
         with torch.no_grad():

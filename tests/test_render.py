@@ -151,6 +151,18 @@ def test_slab_opacity(sigma_L):
     assert abs(dist.item() / opacity.item() - mean_t) < 1e-3
 
 
+def test_a_ray_whose_only_density_is_at_its_last_sample_is_opaque():
+    """The last sample's interval reaches to infinity (the far background is a solid wall
+    behind everything), so any density there absorbs the rest of the ray: opacity 1, all of
+    the weight on that sample. With a zero-length last interval it would be transparent."""
+    t = torch.linspace(1.0, 5.0, 8)
+    sigma = torch.zeros(8)
+    sigma[-1] = 0.5
+    feats, dist, opacity, w = composite(sigma[:, None], torch.ones(8, 1), t)
+    assert abs(opacity.item() - 1.0) < 1e-6 and abs(w[-1].item() - 1.0) < 1e-6
+    assert w[:-1].abs().max() == 0 and abs(dist.item() - 5.0) < 1e-5
+
+
 def test_two_slabs_multiply_transmittance():
     n = 8000
     t = (torch.arange(n) + 0.5) * (4.0 / n)

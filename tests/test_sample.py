@@ -20,15 +20,6 @@ import diffusion as D
 import render
 import sample as S
 from data import UserError
-from test_diffusion import LDM_MICRO, ae_ckpt  # noqa: F401  (the micro autoencoder fixture)
-
-
-@pytest.fixture(scope="module")
-def ldm_ckpt(ae_ckpt, tmp_path_factory):  # noqa: F811
-    out = tmp_path_factory.mktemp("ldm")
-    D.train(D.get_args(LDM_MICRO + ["--ae", ae_ckpt, "--out", str(out), "--steps", "2",
-                                    "--every", "2"]))
-    return str(out / "ckpt.pt")
 
 
 def run(ae_path, ldm_path, out, *extra):
@@ -46,7 +37,7 @@ def png(path):
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def test_generate_writes_grids_turntables_and_point_clouds(ae_ckpt, ldm_ckpt, tmp_path):  # noqa
+def test_generate_writes_grids_turntables_and_point_clouds(ae_ckpt, ldm_ckpt, tmp_path):
     out = run(ae_ckpt, ldm_ckpt, tmp_path, "--n", "2", "--export-ply", "--class", "b")
     assert len(out["gifs"]) == 2
     gif = Image.open(out["gifs"][0])
@@ -84,7 +75,7 @@ def test_point_cloud_unprojects_depth_to_the_right_distance():
     assert abs(pts[:, 2] - (3.0 - 2.7)).max() < 1e-5
 
 
-def test_novel_views_of_a_photo_need_no_diffusion_model(ae_ckpt, tmp_path):  # noqa: F811
+def test_novel_views_of_a_photo_need_no_diffusion_model(ae_ckpt, tmp_path):
     out = run(ae_ckpt, None, tmp_path, "--image", photo(ae_ckpt))
     assert Image.open(out["gif"]).n_frames == 4
     # The views grid starts with the photo itself, as the model reads it.
@@ -92,7 +83,7 @@ def test_novel_views_of_a_photo_need_no_diffusion_model(ae_ckpt, tmp_path):  # n
     assert np.array_equal(first, S.to_uint8(out["image"])[0])
 
 
-def test_interpolation_and_resampling(ae_ckpt, ldm_ckpt, tmp_path):  # noqa: F811
+def test_interpolation_and_resampling(ae_ckpt, ldm_ckpt, tmp_path):
     out = run(ae_ckpt, ldm_ckpt, tmp_path, "--interp-seeds", "1", "2")
     assert Image.open(out["gif"]).n_frames == 4
     # Seeds: the ends are those seeds' Gaussian noises, and the frames go from one to the other.
@@ -102,7 +93,7 @@ def test_interpolation_and_resampling(ae_ckpt, ldm_ckpt, tmp_path):  # noqa: F81
     # DDIM from that noise (frame 0) comes back near photo a's latent rather than photo b's.
     a, b = photo(ae_ckpt, 0), photo(ae_ckpt, 1)
     out = run(ae_ckpt, ldm_ckpt, tmp_path, "--interp", a, b, "--steps", "20")
-    model, ldm = S.load_models(ae_ckpt, ldm_ckpt, torch.device("cpu"))
+    model, ldm = D.load_models(ae_ckpt, ldm_ckpt, torch.device("cpu"))
     za, zb = (model.encode(S.load_photo(p, model, "cpu")[0]) for p in (a, b))
     assert torch.allclose(out["ends"][0], D.ddim_invert(ldm, za, 20))
     assert (out["z"][0] - za).norm() < (out["z"][0] - zb).norm()
@@ -112,7 +103,7 @@ def test_interpolation_and_resampling(ae_ckpt, ldm_ckpt, tmp_path):  # noqa: F81
     assert Image.open(path).size == ((3 + 2) * 16, 2 * 16)  # input | recon | 3 variants, 2 rows
 
 
-def test_fid_compares_with_the_training_folder_by_default(ae_ckpt, ldm_ckpt, tmp_path,  # noqa
+def test_fid_compares_with_the_training_folder_by_default(ae_ckpt, ldm_ckpt, tmp_path,
                                                          monkeypatch):
     """Without --real, FID/KID use the folder the autoencoder was trained on (a stand-in for
     torch-fidelity records what it is asked; nothing is downloaded)."""
@@ -130,7 +121,7 @@ def test_fid_compares_with_the_training_folder_by_default(ae_ckpt, ldm_ckpt, tmp
 
 # ------------------------------------------------------------------------------ the viewer
 @pytest.fixture(scope="module")
-def viewer(ae_ckpt, ldm_ckpt, tmp_path_factory):  # noqa: F811
+def viewer(ae_ckpt, ldm_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("viewer")
     result = run(ae_ckpt, ldm_ckpt, out, "--n", "2", "--viewer")
     return str(out / "viewer.html"), result
@@ -143,7 +134,7 @@ def sprites(html):
             for k, v in found}
 
 
-def test_viewer_is_offline_and_holds_the_rendered_grid(viewer, ae_ckpt):  # noqa: F811
+def test_viewer_is_offline_and_holds_the_rendered_grid(viewer, ae_ckpt):
     path, result = viewer
     html = open(path).read()
     # Nothing to fetch: no URL, no external script, style sheet or font (outside the images'
@@ -160,7 +151,7 @@ def test_viewer_is_offline_and_holds_the_rendered_grid(viewer, ae_ckpt):  # noqa
     planes = model.decode(result["z"][1:2])
     cam = render.orbit_camera(S.VIEWER_YAWS[11:12], S.VIEWER_PITCHES[1:2],
                               model.config["radius"])
-    expect = S.to_uint8(S.render_frames(model, planes, cam)[0])[0].astype(int)
+    expect = S.to_uint8(ae.render_frames(model, planes, cam)[0])[0].astype(int)
     cell = lambda j, i: imgs["rgb1"][16 * j:16 * j + 16, 16 * i:16 * i + 16].astype(int)
     # (to the last bit but for float sums: the sprite rendered 16 views per batch, this one)
     assert np.abs(cell(1, 11) - expect).max() <= 1
@@ -200,7 +191,7 @@ def test_nfs_of_flat_and_ramp_depth():
     assert abs(S.nfs(half, 1.0, 5.0) - 2.0) < 1e-5           # two equal bins: exp(ln 2)
 
 
-def test_bad_inputs_are_one_clear_error(ae_ckpt, ldm_ckpt, tmp_path):  # noqa: F811
+def test_bad_inputs_are_one_clear_error(ae_ckpt, ldm_ckpt, tmp_path):
     with pytest.raises(UserError, match="no such checkpoint"):
         run(str(tmp_path / "nope.pt"), ldm_ckpt, tmp_path)
     with pytest.raises(UserError, match="--ldm is required"):
@@ -219,8 +210,8 @@ def test_bad_inputs_are_one_clear_error(ae_ckpt, ldm_ckpt, tmp_path):  # noqa: F
         run(str(other), ldm_ckpt, tmp_path)
     with pytest.raises(UserError, match="this model knows a, b"):
         run(ae_ckpt, ldm_ckpt, tmp_path, "--class", "zebra")
-    with pytest.raises(UserError, match="--fps at least 1"):
-        run(ae_ckpt, ldm_ckpt, tmp_path, "--fps", "0")
+    with pytest.raises(UserError, match="--frames must be at least 2"):
+        run(ae_ckpt, ldm_ckpt, tmp_path, "--frames", "1")
     with pytest.raises(UserError, match="strength"):
         run(ae_ckpt, ldm_ckpt, tmp_path, "--resample", photo(ae_ckpt), "--strength", "2")
 
