@@ -463,14 +463,15 @@ def plane_colours(planes):
 
 
 def latent_tiles(z):
-    """A latent (C, h, w) -> one grey picture (3, rows * h, 4 * w) in [-1, 1]: its channels
-    side by side, four to a row, each stretched to its own range."""
+    """A latent (C, h, w) -> one grey picture (3, rows * h, cols * w) in [-1, 1]: its channels
+    in a square-ish grid, row by row, each stretched to its own range (empty cells black)."""
     C, h, w = z.shape
-    z = torch.cat([z, z.new_zeros((-C) % 4, h, w)]) if C % 4 else z
+    cols = math.ceil(math.sqrt(C))
     lo = z.flatten(1).amin(1)[:, None, None]
     hi = z.flatten(1).amax(1)[:, None, None]
     z = (z - lo) / (hi - lo).clamp_min(1e-6) * 2 - 1
-    tiles = z.view(-1, 4, h, w).permute(0, 2, 1, 3).reshape(-1, 4 * w)        # (rows h, 4w)
+    z = torch.cat([z, -z.new_ones((-C) % cols, h, w)])                      # (rows * cols, h, w)
+    tiles = z.view(-1, cols, h, w).permute(0, 2, 1, 3).reshape(-1, cols * w)  # (rows h, cols w)
     return tiles.expand(3, -1, -1)
 
 

@@ -81,6 +81,29 @@ def test_novel_views_of_a_photo_need_no_diffusion_model(ae_ckpt, tmp_path):
     # The views grid starts with the photo itself, as the model reads it.
     first = png(out["png"])[:16, :16]
     assert np.array_equal(first, S.to_uint8(out["image"])[0])
+    stem = os.path.splitext(os.path.basename(photo(ae_ckpt)))[0]
+    assert Image.open(tmp_path / f"{stem}_pipeline.png").size[0] > 500   # the method's figure
+
+
+def test_pipeline_figure_shows_each_latent_channel_and_plane_in_its_place():
+    """latent_tiles puts channel k at row k // cols, column k % cols of a square-ish grid, each
+    on its own range; plane_colours gives one colour per feature vector, shared by the planes."""
+    z = torch.zeros(5, 2, 3)
+    for k in range(5):
+        z[k, k % 2, k % 3] = k + 1.0                        # one bright texel per channel
+    tiles = S.latent_tiles(z)                               # 3 columns, 2 rows of 2x3 tiles
+    assert tiles.shape == (3, 4, 9)
+    for k in range(5):
+        r, c = divmod(k, 3)
+        tile = tiles[0, 2 * r:2 * r + 2, 3 * c:3 * c + 3]
+        assert tile[k % 2, k % 3] == 1 and (tile == -1).sum() == 5    # its own range: -1..1
+    assert (tiles[0, 2:, 6:] == -1).all()                   # the empty sixth cell
+    planes = torch.zeros(3, 4, 2, 2)
+    planes[0, :, 0, 0] = planes[2, :, 1, 1] = torch.tensor([1.0, 2.0, 0.0, 0.0])
+    rgb = S.plane_colours(planes)                           # (3, 3, 2, 2)
+    assert rgb.shape == (3, 3, 2, 2)
+    assert torch.allclose(rgb[0, :, 0, 0], rgb[2, :, 1, 1])             # same vector, same colour
+    assert not torch.allclose(rgb[0, :, 0, 0], rgb[1, :, 0, 0])         # another, another colour
 
 
 def test_interpolation_and_resampling(ae_ckpt, ldm_ckpt, tmp_path):
