@@ -5,7 +5,7 @@ Not a stage of WildFusion: the paper trains on photos (data.py). But photos have
 nothing could say whether a novel view is right. These procedural scenes -- spheres, turned boxes
 and cylinders on a chequered floor before a striped wall, one light with hard shadows -- come
 with exact z-depth and with renders from known novel poses, so novel-view synthesis can be
-scored (autoencoder.py --eval), and everything runs on a fresh machine with no download.
+scored (evaluate.py views), and everything runs on a fresh machine with no download.
 
     python scenes.py data/scenes --n 2000 --res 64                 # training scenes
     python scenes.py data/scenes --n 2000 --heldout 64             # + held-out novel views
