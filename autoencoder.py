@@ -851,8 +851,9 @@ def to_device(batch, device):
 def setup(args):
     """Everything the loop needs, built (or resumed) from the flags: data, models, optimisers,
     the EMA copy, the resume step. -> a dict of them."""
+    training.start(args)                              # first: check_args counts the processes
     check_args(args)
-    device = training.start(args)
+    device = torch.device(args.device)
     ds, root = load_data(args)
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")

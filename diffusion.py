@@ -724,8 +724,9 @@ def read_batch(cache, model, step, micro, args, device):
 def setup(args):
     """The frozen autoencoder, the latents, the model, its EMA copy and optimiser, resumed
     where a checkpoint says. -> a namespace of them."""
+    training.start(args)                              # first: check_args counts the processes
     check_args(args)
-    device = training.start(args)
+    device = torch.device(args.device)
     if not args.ae:
         raise UserError("--ae is required: the autoencoder checkpoint of stage 1 "
                         "(python autoencoder.py --preset tiny makes runs/ae-tiny/ckpt.pt)")

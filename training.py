@@ -84,11 +84,10 @@ def check_runtime_args(args):
 
 
 def start(args):
-    """Before a training script builds anything: processes, flags, threads -> torch.device."""
+    """Before a training script checks or builds anything: its processes and threads."""
     setup_distributed(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    return torch.device(args.device)
 
 
 # ---------------------------------------------------------------------------------------------
