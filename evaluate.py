@@ -320,7 +320,7 @@ def train_metric_net(root, res=64, steps=2000, batch=64, seed=0, n_empty=250, ve
                 names=list(scenes.PARAM_NAMES), trained_on=os.path.abspath(root), seed=seed,
                 scenes=scene_key(meta), seconds=time.time() - t0)
     path = metric_path(root, res)
-    training.save_checkpoint(path, ckpt)                                           # atomic
+    training.save_checkpoint(path, ckpt)                                      # atomic
     return load_metric_net(path)
 
 
