@@ -594,7 +594,6 @@ MODEL_KEYS = ("res", "render_res", "z_res", "z_ch", "enc_ch", "dec_dim", "dec_de
               "n_fine")
 RAW_WEIGHT = 1.0          # L1 on the low-res raw RGB, beside the L1 on the upsampled image
 KL_WEIGHT = 1e-5          # KL on z (summed over the latent): a light VAE regulariser
-GRAD_CLIP = 1.0           # the gradient norm is clipped at this
 
 
 def get_args(argv=None):
@@ -827,7 +826,7 @@ def autoencoder_step(model, disc, opt, batches, args, adv_on, lpips_fn, autocast
     discriminator's fake input (None when the adversarial loss is off)."""
     model.train()
     return training.optimiser_step(opt, batches, lambda image, depth: autoencoder_loss(
-        model, disc, image, depth, args, adv_on, lpips_fn), autocast, GRAD_CLIP)
+        model, disc, image, depth, args, adv_on, lpips_fn), autocast, training.GRAD_CLIP)
 
 
 def discriminator_step(disc, opt_d, batches, fakes, args, autocast):

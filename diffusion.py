@@ -589,7 +589,6 @@ PRESETS = {
                   schedule="cosine"),
 }
 MODEL_KEYS = ("ch", "ch_mult", "num_res", "attn_res", "heads", "dropout")
-GRAD_CLIP = 1.0            # the gradient norm is clipped at this
 SAMPLE_STEPS = 50          # DDIM steps of the sample grids written while training
 
 
@@ -704,7 +703,7 @@ def train_step(model, ema, opt, batches, step, args, autocast):
         loss = model.loss(x0, labels, args.p_uncond)
         return loss, dict(loss=loss.detach()), None
     # Accumulation over micro-batches, one all-reduce across ranks, clipping, the update.
-    logs, _ = training.optimiser_step(opt, batches, loss_fn, autocast, GRAD_CLIP)
+    logs, _ = training.optimiser_step(opt, batches, loss_fn, autocast, training.GRAD_CLIP)
     # EMA with a warm-up (decay grows from 0.1 towards args.ema): early EMA weights are
     # not stuck on the random init.
     training.ema_update(ema, model, training.ema_decay(step, args.ema))

@@ -199,6 +199,7 @@ def make_loader(ds, sampler, workers, device):
 # ---------------------------------------------------------------------------------------------
 # 4. The step
 # ---------------------------------------------------------------------------------------------
+GRAD_CLIP = 1.0           # both stages clip the gradient norm at this
 def optimiser_step(opt, batches, loss_fn, autocast, grad_clip=0.0):
     """Gradient accumulation, data parallelism and the update, shared by every training step.
 

@@ -1,5 +1,4 @@
 """autoencoder.py: shapes, losses against closed forms, training that learns, exact resume, DDP."""
-import contextlib
 import math
 import os
 import socket
@@ -14,7 +13,7 @@ import autoencoder as ae
 import render
 import scenes as scenes_mod
 import training
-from conftest import MICRO, ROOT, micro_args
+from conftest import ROOT, micro_args
 from data import UserError
 
 def test_shapes_and_dtypes_of_the_tiny_and_small_presets():

@@ -2,7 +2,6 @@
 mode coverage on a toy mixture, training that learns, exact resume, bad inputs."""
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -11,10 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import autoencoder as ae
 import diffusion as D
-import scenes
-from conftest import AE_MICRO, LDM_MICRO, ROOT
+from conftest import LDM_MICRO, ROOT
 from data import UserError
 
 def ldm_args(ae_path, out, *extra):
