@@ -475,14 +475,14 @@ def d_loss_fn(disc, real, fake, r1_gamma):
 # ---------------------------------------------------------------------------------------------
 # 8. Pictures (the numbers are evaluate.py's)
 # ---------------------------------------------------------------------------------------------
-def save_image(x, path):
-    """(3, H, W) or (1, 3, H, W) in [-1, 1] -> PNG."""
+def save_image(x, path, safe=data_mod.SAFE):
+    """(3, H, W) or (1, 3, H, W) in [-1, 1] -> PNG (all or nothing: data.writing)."""
     from PIL import Image
     x = x.reshape(-1, *x.shape[-2:]) if x.dim() == 4 and x.shape[0] == 1 else x
     x = x[0] if x.dim() == 4 else x
     arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Image.fromarray(arr).save(path)
+    with data_mod.writing(path, "a picture", safe) as tmp:
+        Image.fromarray(arr).save(tmp)
 
 
 def hit_disparity(depth, opacity=None):
@@ -521,14 +521,14 @@ def colorize_depth(depth, opacity=None, one_range=False):
 
 
 @torch.no_grad()
-def preview(model, image, depth, yaw, path):
+def preview(model, image, depth, yaw, path, safe=data_mod.SAFE):
     """The PNG a person reads while training: one row per image with
     input | reconstruction | rendered depth | novel views at -yaw, 0, +yaw | their depths."""
-    view_grid(model, model.decode(model.encode(image, depth)), yaw, path, first=[image])
+    view_grid(model, model.decode(model.encode(image, depth)), yaw, path, [image], safe)
 
 
 @torch.no_grad()
-def view_grid(model, planes, yaw, path, first=()):
+def view_grid(model, planes, yaw, path, first=(), safe=data_mod.SAFE):
     """Render triplanes (B, 3, C, R, R) from P0 and from -yaw, 0, +yaw and write one row per
     scene: [first columns] | P0 view | P0 depth | three views | their depths. Also used by
     diffusion.py and sample.py to show generated scenes."""
@@ -541,7 +541,7 @@ def view_grid(model, planes, yaw, path, first=()):
         cmap = colorize_depth(out["depth"], out["opacity"])                 # (B, 3, h, w)
         depths.append(F.interpolate(cmap, size=res, mode="nearest").to(planes.device))
     cols = [*first, views[1], depths[1], *views, *depths]
-    save_image(torch.cat([torch.cat(cols, -1)[b] for b in range(B)], -2), path)
+    save_image(torch.cat([torch.cat(cols, -1)[b] for b in range(B)], -2), path, safe)
 
 
 @torch.no_grad()
@@ -918,18 +918,19 @@ def train(args):
             training.ema_update(ema, model, training.ema_decay(step, args.ema))
         step += 1
         log.add(step, logs)
-        # --- preview (rank 0) and checkpoint (every rank calls it) ---
+        # --- checkpoint (every rank calls it), then the preview (rank 0) ---
         if step % args.every == 0 or step == args.steps:
-            if is_main():
-                shown = (model if ema is None else ema).eval()   # what load() returns
-                preview(shown, fixed_img, fixed_depth, max(args.yaw_range, 20.0),
-                        os.path.join(args.out, f"preview_{step:06d}.png"))
             training.save_on_main(r.ckpt_path, lambda rngs: dict(
                 kind=CKPT_KIND, config=r.config, model=model.state_dict(),
                 disc=disc.state_dict(), opt=r.opt.state_dict(),
                 opt_d=r.opt_d.state_dict(), step=step, args=dict(vars(args)), rng=rngs,
                 data=os.path.abspath(r.root),
                 **({} if ema is None else dict(ema=ema.state_dict()))))
+            if is_main():
+                shown = (model if ema is None else ema).eval()   # what load() returns
+                preview(shown, fixed_img, fixed_depth, max(args.yaw_range, 20.0),
+                        os.path.join(args.out, f"preview_{step:06d}.png"),
+                        training.saved(r.ckpt_path, step))
     log.close()
     if is_main():
         print(f"done: {r.ckpt_path}, previews in {args.out}/preview_*.png")

@@ -23,6 +23,8 @@ Cases:
              pack, images/s, start-up time, peak resident memory.
     budget   (not in the default set) parameters, FLOPs and activation memory per image of
              each stage's training step for every preset, and labelled H100 estimates.
+    checkpoint  (not in the default set) what the checksum of a checkpoint costs at the tiny
+             and base sizes, beside torch.save and torch.load of the same state.
 """
 import argparse
 import json
@@ -33,6 +35,7 @@ import time
 
 import torch
 
+import data
 import render
 
 
@@ -256,7 +259,6 @@ def data_run(root, workers, batch, images):
     images/s and memory: peak resident and largest anonymous, of this process and of its
     largest worker."""
     import autoencoder as ae
-    import data
     t0 = time.perf_counter()
     ds = data.open_folder(root, 32, depth=True, verbose=False)
     start = time.perf_counter() - t0
@@ -282,7 +284,6 @@ def bench_data(device, args):
     of images (--data-images), so only the size of the data set differs."""
     import os
     import subprocess
-    import data
     out = []
     for n in (2000, 20000):
         folder = make_image_folder(os.path.join(args.data_dir, f"png{n}"), n)
@@ -404,8 +405,52 @@ def bench_budget(device, args):
         memory_usable=0.9, activations="float32, saved-for-backward tensors only"))
 
 
+def bench_checkpoint(device, args):
+    """What the checksum costs: a training checkpoint of each stage at the tiny and base sizes
+    (weights, EMA, optimiser state), its size, the SHA-256 over its tensors (done once per save
+    and once per load), and a plain torch.save + torch.load of the same state for scale."""
+    import os
+    import tempfile
+    import autoencoder as ae
+    import diffusion
+    import training
+
+    def filled(opt, params):                      # Adam state as after a step: 2 tensors/param
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        return opt.state_dict()
+    rows = []
+    for preset in ("tiny", "base"):
+        a = ae.get_args(["--preset", preset, "--no-depth-metric"])
+        ae.set_camera(a, None)
+        model, disc, opt, opt_d = ae.build(a, "cpu")
+        ae_state = dict(model=model.state_dict(), ema=model.state_dict(), disc=disc.state_dict(),
+                        opt=filled(opt, model.parameters()),
+                        opt_d=filled(opt_d, disc.parameters()), step=1)
+        d = diffusion.get_args(["--preset", preset])
+        net = diffusion.LatentDiffusion(diffusion.model_config(d, (a.z_ch, a.z_res, a.z_res), []))
+        opt = torch.optim.AdamW(net.parameters())
+        ldm_state = dict(model=net.state_dict(), ema=net.state_dict(),
+                         opt=filled(opt, net.parameters()), step=1)
+        for stage, state in (("autoencoder", ae_state), ("diffusion", ldm_state)):
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "ckpt.pt")
+                check = training.seconds_per_call(lambda: training.checksum(state), 1, 3)
+                save = training.seconds_per_call(lambda: torch.save(state, path), 1, 3)
+                load = training.seconds_per_call(
+                    lambda: torch.load(path, map_location="cpu", weights_only=True), 1, 3)
+                mb = os.path.getsize(path) / 1e6
+            rows.append(dict(preset=preset, stage=stage, mb=mb, checksum_s=check,
+                             mb_per_s=mb / check, save_s=save, load_s=load))
+            print(f"  {preset:4s} {stage:11s} {mb:8.1f} MB  checksum {check:6.3f} s "
+                  f"({mb / check:5.0f} MB/s)  torch.save {save:6.3f} s  torch.load {load:6.3f} s")
+    return dict(case="checkpoint", rows=rows)
+
+
 CASES = {"render": bench_render, "ae-step": bench_ae_step, "sample": bench_sample,
-         "e2e": bench_e2e, "data": bench_data, "budget": bench_budget}
+         "e2e": bench_e2e, "data": bench_data, "budget": bench_budget,
+         "checkpoint": bench_checkpoint}
 DEFAULT_CASES = ["render", "ae-step", "sample", "e2e"]
 
 
@@ -461,10 +506,10 @@ def main():
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in r.items() if k not in ("device", "torch", "runs", "rows")))
     if args.json:
-        with open(args.json, "w") as f:
+        with data.writing(args.json, "the results") as tmp, open(tmp, "w") as f:
             json.dump(results, f, indent=1)
         print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
-    main()
+    data.run_cli(main)

@@ -11,7 +11,8 @@ truth that the scripts use when no folder is given live in scenes.py.)
     python data.py pack my_photos/ --res 64                        # -> my_photos/_pack-64
 
 Map of the file:
-    1. errors        UserError: one clear line for the user instead of a traceback
+    1. errors        UserError: one clear line for the user instead of a traceback; writes
+                     that fail (a full disk) say so in one line and leave no half file
     2. images        load_rgb: any file mode -> RGB, square centre crop, antialiased resize
     3. depth maps    load_depth: .npy / 16-bit PNG, checked, resized without blurring edges
     4. ImageFolder   the dataset: recursive scan, optional depth/ and class sub-folders,
@@ -27,8 +28,11 @@ Phone photos often store the picture sideways plus an EXIF "orientation" flag; e
 turns the picture upright first (as a photo viewer does), and its depth map must be upright too.
 """
 import argparse
+import contextlib
+import errno
 import json
 import os
+import shutil
 import sys
 import warnings
 
@@ -58,8 +62,81 @@ def run_cli(main):
         # the last line, the original message.
         if "Original Traceback" in msg:
             msg = msg.strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        for bar in list(getattr(tqdm, "_instances", ())):   # end a progress bar left open by
+            bar.close()                                     # the failure, so the line starts fresh
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
+
+
+def megabytes(n):
+    return f"{n / 1e6:.1f} MB"
+
+
+def size_on_disk(path):
+    """Bytes under `path` (a file, or a folder's files)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+SAFE = "checkpoints and data are untouched; free space and run again"   # a failed write says
+
+
+def remove(path):
+    """Delete a file or a folder, if it is there."""
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+@contextlib.contextmanager
+def writing(path, what, safe=SAFE, size=None):
+    """Write `path` (a file or a folder) all at once or not at all:
+
+        with writing("runs/ae/ckpt.pt", "the checkpoint of step 4") as tmp:
+            torch.save(state, tmp)              # the body writes `tmp`, never `path`
+
+    The body writes a temporary file (or folder) beside `path`, with the same extension, so
+    that PIL and numpy still see the format; it replaces `path` only once complete (os.replace
+    is atomic), so a crash mid-write leaves the previous version intact. Any OSError on the way
+    (a full disk, a quota, a read-only folder) removes the temporary and becomes one line: what
+    was being written, how large, the system's error, and `safe`, what is still intact and what
+    to do (a string, or a function that makes it, called only then). `size` is the expected
+    size in bytes, when the caller knows it."""
+    stem, ext = os.path.splitext(path)
+    tmp = f"{stem}.tmp{ext}"
+    try:
+        remove(tmp)                        # left by a run killed mid-write (kill -9)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        yield tmp
+        if os.path.isdir(tmp):             # a folder replaces a folder: the old one goes first
+            shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    except BaseException as e:             # a full disk, but also Ctrl-C or a bad input file:
+        written = size_on_disk(tmp) if os.path.exists(tmp) else 0   # never a half file left
+        remove(tmp)
+        if not isinstance(e, OSError):
+            raise
+        how_large = megabytes(size) if size is not None else f"{megabytes(written)} written"
+        raise UserError(f"could not write {what} ({how_large}) to {path}: {e.strerror or e}. "
+                        f"Nothing half-written was left; {safe() if callable(safe) else safe}"
+                        ) from None
+
+
+def open_array(path, dtype, shape):
+    """A new .npy file as a writable memory map, its disk space reserved up front. Without the
+    reservation the file is sparse, and a full disk would show up later as a crash (SIGBUS) in
+    the middle of filling it; with it, it shows up here, as an OSError that `writing` reports."""
+    arr = np.lib.format.open_memmap(path, "w+", dtype, tuple(shape))
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # unsupported: go on
+                    raise
+    return arr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,8 +553,10 @@ def prepare_depth(root, estimator, overwrite=False):
             img = to_rgb(ImageOps.exif_transpose(img))
         pred, kind = estimator(img)
         d = disparity_to_depth(pred) if kind == "disparity" else np.asarray(pred, np.float32)
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        np.save(out, d.astype(np.float32))
+        with writing(out, f"the depth map of {rel}", size=d.size * 4, safe=f"the {written} "
+                     "depth maps before it are written; free space and run again (it skips "
+                     "them)") as tmp:
+            np.save(tmp, d.astype(np.float32))
         written += 1
     return written
 
@@ -491,23 +570,21 @@ def pack(root, res, out=None, workers=None, verbose=True):
     Written into a temporary folder and renamed when complete, so a killed run never leaves a
     pack that later loads half-empty. The default OUT, ROOT/_pack-RES, starts with `_`, so
     later scans of ROOT do not mistake the pack for images. Returns OUT."""
-    import shutil
     out = out or os.path.join(root, f"_pack-{res}")
     ds = ImageFolder(root, res, verbose=verbose)
-    tmp = f"{out}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     N = len(ds)
-    images = np.lib.format.open_memmap(os.path.join(tmp, "images.npy"), "w+", np.uint8,
-                                       (N, res, res, 3))
-    depth = (np.lib.format.open_memmap(os.path.join(tmp, "depth.npy"), "w+", np.float16,
-                                       (N, res, res)) if ds.use_depth else None)
-    workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    # Items in file order, decoded by worker processes; each arrives as tensors, goes back to
-    # bytes (exact: uint8 -> [-1, 1] -> uint8 round-trips) and is written to the map at once.
-    loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=workers)
-    i = 0
-    try:
+    size = N * res * res * (3 + 2 * ds.use_depth)
+    with writing(out, f"the pack of {N} images", size=size,
+                 safe=f"{root} itself is untouched; free space and pack again") as tmp:
+        os.makedirs(tmp)
+        images = open_array(os.path.join(tmp, "images.npy"), np.uint8, (N, res, res, 3))
+        depth = (open_array(os.path.join(tmp, "depth.npy"), np.float16, (N, res, res))
+                 if ds.use_depth else None)
+        workers = min(8, os.cpu_count() or 1) if workers is None else workers
+        # Items in file order, decoded by worker processes; each arrives as tensors, goes back
+        # to bytes (exact: uint8 -> [-1, 1] -> uint8 round-trips) and is written to the map.
+        loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=workers)
+        i = 0
         for batch in tqdm(loader, desc=f"packing {root}", unit="batch", disable=not verbose):
             n = len(batch["image"])
             images[i:i + n] = ((batch["image"] + 1) * 127.5).round().byte().permute(
@@ -515,27 +592,22 @@ def pack(root, res, out=None, workers=None, verbose=True):
             if depth is not None:
                 depth[i:i + n] = batch["depth"][:, 0].numpy().astype(np.float16)
             i += n
-    except BaseException:                 # a bad depth map, Ctrl-C, ...: leave nothing behind
-        images = depth = None             # close the maps before deleting their files
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    images.flush()
-    if depth is not None:
-        depth.flush()
-    np.save(os.path.join(tmp, "labels.npy"), ds.labels.numpy())
-    meta = dict(res=res, n=N, depth=ds.use_depth, classes=ds.classes, files=ds.files,
-                source=os.path.abspath(root))
-    with open(os.path.join(tmp, PACK_META), "w") as f:
-        json.dump(meta, f)
-    # Synthetic scenes (scenes.py) record their camera in scenes.json: it travels with the pack,
-    # so a model trained on the pack uses it too (the held-out views stay in ROOT).
-    if os.path.isfile(os.path.join(root, "scenes.json")):
-        with open(os.path.join(root, "scenes.json")) as f:
-            scene_meta = dict(json.load(f), heldout=0)
-        with open(os.path.join(tmp, "scenes.json"), "w") as f:
-            json.dump(scene_meta, f)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)                  # visible only now, complete
+        images.flush()
+        if depth is not None:
+            depth.flush()
+        images = depth = None                 # close the maps before the folder is renamed
+        np.save(os.path.join(tmp, "labels.npy"), ds.labels.numpy())
+        meta = dict(res=res, n=N, depth=ds.use_depth, classes=ds.classes, files=ds.files,
+                    source=os.path.abspath(root))
+        with open(os.path.join(tmp, PACK_META), "w") as f:
+            json.dump(meta, f)
+        # Synthetic scenes (scenes.py) record their camera in scenes.json: it travels with the
+        # pack, so a model trained on the pack uses it too (the held-out views stay in ROOT).
+        if os.path.isfile(os.path.join(root, "scenes.json")):
+            with open(os.path.join(root, "scenes.json")) as f:
+                scene_meta = dict(json.load(f), heldout=0)
+            with open(os.path.join(tmp, "scenes.json"), "w") as f:
+                json.dump(scene_meta, f)
     return out
 
 

@@ -498,8 +498,7 @@ def encode_folder(ae_model, root, device, path, flip=True, batch=64, workers=0):
     ds = data_mod.open_folder(root, c["res"], depth=False, verbose=True)
     copies = 2 if flip else 1
     z_shape = (c["z_ch"], c["z_res"], c["z_res"])
-    zs = np.lib.format.open_memmap(os.path.join(path, "z.npy"), "w+", np.float32,
-                                   (copies * len(ds), *z_shape))
+    zs = data_mod.open_array(os.path.join(path, "z.npy"), np.float32, (copies * len(ds), *z_shape))
     labels, pos = [], 0
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers)
     for item in tqdm(loader, desc="encoding latents", unit="batch"):
@@ -510,6 +509,7 @@ def encode_folder(ae_model, root, device, path, flip=True, batch=64, workers=0):
             labels.append(item["label"])
             pos += len(z)
     zs.flush()
+    del zs                                   # close the map before the folder is renamed
     return torch.cat(labels), list(ds.classes)
 
 
@@ -526,14 +526,14 @@ def latent_cache(ae_path, ae_model, root, out, device, flip=True, workers=0):
     ae_id, root = file_id(ae_path), os.path.abspath(root)
     if not os.path.isdir(path) and is_main():
         print(f"encoding {root} with {ae_path} into {path} (once; later runs reuse it)")
-        tmp = f"{path}.tmp{os.getpid()}"
-        os.makedirs(tmp, exist_ok=True)
-        labels, classes = encode_folder(ae_model, root, device, tmp, flip, workers=workers)
-        np.save(os.path.join(tmp, "labels.npy"), labels.numpy())
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(dict(kind=CACHE_KIND, ae_id=ae_id, data=root, flip=flip,
-                           classes=classes), f)
-        os.replace(tmp, path)
+        with data_mod.writing(path, "the latent cache", safe=f"{ae_path} is untouched; free "
+                              f"space and run again (it encodes again)") as tmp:
+            os.makedirs(tmp)
+            labels, classes = encode_folder(ae_model, root, device, tmp, flip, workers=workers)
+            np.save(os.path.join(tmp, "labels.npy"), labels.numpy())
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(dict(kind=CACHE_KIND, ae_id=ae_id, data=root, flip=flip,
+                               classes=classes), f)
     # The other processes wait for the folder to appear, polling the file system, not in a
     # collective: encoding a large data set in one process can outlast a collective's timeout
     # (10 minutes). (torchrun stops them all if rank 0 fails meanwhile.)
@@ -681,7 +681,7 @@ def load_models(ae_path, ldm_path, device):
 
 
 @torch.no_grad()
-def sample_grid(model, ae_model, n, steps, path, seed=0):
+def sample_grid(model, ae_model, n, steps, path, seed=0, safe=data_mod.SAFE):
     """The PNG a person reads while training: n DDIM samples (fixed noise, so successive grids
     are comparable), decoded to triplanes and rendered: P0 | depth | yaw -20, 0, +20 | depths.
     Class-conditional models cycle through their classes row by row."""
@@ -689,7 +689,8 @@ def sample_grid(model, ae_model, n, steps, path, seed=0):
     g = torch.Generator(device=dev).manual_seed(seed)
     labels = (torch.arange(n, device=dev) % model.num_classes) if model.num_classes else None
     z = ddim_sample(model, (n, *model.config["latent_shape"]), steps, labels=labels, generator=g)
-    ae.view_grid(ae_model, ae_model.decode(z.to(next(ae_model.parameters()).device)), 20.0, path)
+    ae.view_grid(ae_model, ae_model.decode(z.to(next(ae_model.parameters()).device)), 20.0, path,
+                 safe=safe)
 
 
 def train_step(model, ema, opt, batches, step, args, autocast):
@@ -784,15 +785,16 @@ def train(args):
         logs = train_step(model, ema, r.opt, batches, step, args, autocast)
         step += 1
         log.add(step, logs)
-        # --- sample grid + checkpoint (rank 0 writes; every rank hands over its RNG state) ---
+        # --- checkpoint (rank 0 writes; every rank hands over its RNG state) + sample grid ---
         if step % args.every == 0 or step == args.steps:
-            if is_main():
-                ema.eval()
-                sample_grid(ema, r.ae_model, 8, SAMPLE_STEPS,
-                            os.path.join(args.out, f"samples_{step:06d}.png"), seed=args.seed)
             training.save_on_main(r.ckpt_path, lambda rngs: dict(
                 kind=CKPT_KIND, config=r.config, model=model.state_dict(), ema=ema.state_dict(),
                 opt=r.opt.state_dict(), step=step, rng=rngs, args=dict(vars(args))))
+            if is_main():
+                ema.eval()
+                sample_grid(ema, r.ae_model, 8, SAMPLE_STEPS,
+                            os.path.join(args.out, f"samples_{step:06d}.png"), seed=args.seed,
+                            safe=training.saved(r.ckpt_path, step))
     log.close()
     if is_main():
         print(f"done: {r.ckpt_path}, sample grids in {args.out}/samples_*.png "
@@ -890,10 +892,10 @@ def toy(args):
     axes[2].set_title("mode frequencies")
     axes[2].set_ylim(0, 0.22)
     axes[2].legend(loc="upper center", ncol=2)
-    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "ring.png")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    with data_mod.writing(path, "a picture") as tmp:
+        fig.savefig(tmp, dpi=80)
     print(f"wrote {path}")
 
 

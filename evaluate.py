@@ -320,7 +320,7 @@ def train_metric_net(root, res=64, steps=2000, batch=64, seed=0, n_empty=250, ve
                 names=list(scenes.PARAM_NAMES), trained_on=os.path.abspath(root), seed=seed,
                 scenes=scene_key(meta), seconds=time.time() - t0)
     path = metric_path(root, res)
-    training.save_checkpoint(path, ckpt)                                      # atomic
+    training.save_checkpoint(path, ckpt, data_mod.SAFE)                 # atomic, checksummed
     return load_metric_net(path)
 
 
@@ -589,8 +589,7 @@ def print_rows(rows, keys):
 
 
 def write_json(path, obj):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
+    with data_mod.writing(path, "the results") as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
     print(f"wrote {path}")
 
@@ -619,6 +618,11 @@ def main(argv=None):
                         f"{args.eta}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    # The checkpoints first: a bad one fails in a second, not after the metric network trained.
+    if args.what == "views":
+        model = ae.load(args.ckpt[0])
+    elif args.what == "samples":
+        ae_model, ldm = diffusion.load_models(args.ckpt[0], args.ckpt[1], torch.device("cpu"))
     root = args.data or ae.default_data_root(64)
     net = metric_net(root, args.res)
     if args.what == "validate":
@@ -631,13 +635,11 @@ def main(argv=None):
                                "no_object"])
         result = rows
     elif args.what == "views":
-        model = ae.load(args.ckpt[0])
         result = score_views(net, root, model, save=os.path.join(
             os.path.dirname(args.ckpt[0]), "eval_views.png"))
         for k, v in result.items():
             print(f"  {k:28s} {v:.4g}")
     else:
-        ae_model, ldm = diffusion.load_models(args.ckpt[0], args.ckpt[1], torch.device("cpu"))
         result = score_samples(net, root, ae_model, ldm, args.n, args.seed, args.steps,
                                eta=args.eta)
         for k, v in result.items():

@@ -129,8 +129,9 @@ def save_gif(frames, path, fps=20, min_size=192):
     if scale > 1:
         frames = F.interpolate(frames, scale_factor=scale, mode="nearest")
     imgs = [Image.fromarray(f) for f in to_uint8(frames)]
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=round(1000 / fps), loop=0)
+    with data_mod.writing(path, "a turntable GIF") as tmp:
+        imgs[0].save(tmp, save_all=True, append_images=imgs[1:], duration=round(1000 / fps),
+                     loop=0)
     return path
 
 
@@ -313,9 +314,9 @@ def write_viewer(ae_model, scenes, path, title="samples", res=None):
                            PMIN=f"{VIEWER_PITCHES.min():g}",
                            PMAX=f"{VIEWER_PITCHES.max():+g}").items():
         html = html.replace(f"__{key}__", value)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        f.write(html)
+    with data_mod.writing(path, "the viewer page", size=len(html)) as tmp:
+        with open(tmp, "w") as f:
+            f.write(html)
     return path
 
 
@@ -518,8 +519,8 @@ def pipeline_figure(ae_model, image, path, ldm=None, seed=0):
         axes[1][0].text(-0.15, 0.5, "stage 2: sample z,\ndecode, render", rotation=90,
                         transform=axes[1][0].transAxes, ha="right", va="center", fontsize=10)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=80)
+    with data_mod.writing(path, "a picture") as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
     return path
 
@@ -553,8 +554,7 @@ def point_cloud(ae_model, planes, yaws=(-20.0, 0.0, 20.0), min_opacity=0.5):
 
 def write_ply(path, points, colours):
     """ASCII PLY with x y z red green blue per vertex: MeshLab, Blender and Open3D read it."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
+    with data_mod.writing(path, "a point cloud") as tmp, open(tmp, "w") as f:
         f.write("ply\nformat ascii 1.0\n")
         f.write(f"element vertex {len(points)}\n")
         f.write("property float x\nproperty float y\nproperty float z\n")

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data import UserError, run_cli
+from data import SAFE, UserError, run_cli, writing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,8 +309,15 @@ def view_stem(held, name, yaw, pitch):
     return os.path.join(held, "_views", name, f"yaw{yaw:+g}_pitch{pitch:+g}")
 
 
-def _save_rgb(path, rgb):
-    Image.fromarray((rgb * 255 + 0.5).astype(np.uint8)).save(path)
+def save_png(path, rgb, safe=SAFE):
+    """(H, W, 3) float in [0, 1] -> PNG, written all at once or not at all (data.writing)."""
+    with writing(path, "a scene's picture", safe) as tmp:
+        Image.fromarray((rgb * 255 + 0.5).astype(np.uint8)).save(tmp)
+
+
+def save_npy(path, arr, safe=SAFE):
+    with writing(path, "a scene's array", safe, size=arr.nbytes) as tmp:
+        np.save(tmp, arr)
 
 
 def make_scenes(out, n, res=64, seed=0, heldout=0, views=DEFAULT_VIEWS, aa=2,
@@ -341,23 +348,25 @@ def make_scenes(out, n, res=64, seed=0, heldout=0, views=DEFAULT_VIEWS, aa=2,
         folder = out if i < n else os.path.join(out, "_heldout")
         name = f"{i:06d}"
         rgb, depth = render_scene(scene, P0, fov_deg, res, aa)
-        _save_rgb(os.path.join(folder, name + ".png"), rgb)
-        np.save(os.path.join(folder, "depth", name + ".npy"), depth)
+        safe = f"{out} holds the first {i} scenes; free space and run again (the same scenes)"
+        save_png(os.path.join(folder, name + ".png"), rgb, safe)
+        save_npy(os.path.join(folder, "depth", name + ".npy"), depth, safe)
         if i >= n:
             os.makedirs(os.path.join(out, "_heldout", "_views", name), exist_ok=True)
             for yaw, pitch in poses:
                 rgb, depth = render_scene(scene, scene_camera(yaw, pitch, radius), fov_deg,
                                           res, aa)
                 stem = view_stem(os.path.join(out, "_heldout"), name, yaw, pitch)
-                _save_rgb(stem + ".png", rgb)
-                np.save(stem + ".npy", depth)
-    np.save(os.path.join(out, "params.npy"), np.stack(params[:n]))
+                save_png(stem + ".png", rgb, safe)
+                save_npy(stem + ".npy", depth, safe)
+    save_npy(os.path.join(out, "params.npy"), np.stack(params[:n]))
     if heldout:
-        np.save(os.path.join(out, "_heldout", "params.npy"), np.stack(params[n:]))
+        save_npy(os.path.join(out, "_heldout", "params.npy"), np.stack(params[n:]))
     meta = dict(n=n, heldout=heldout, res=res, seed=seed, radius=radius, fov_deg=fov_deg,
                 room_yaw=room_yaw, elevation=list(ELEVATION), empty=empty,
                 views=[dict(yaw_deg=y, pitch_deg=p) for y, p in poses])
-    with open(os.path.join(out, "scenes.json"), "w") as f:
+    with writing(os.path.join(out, "scenes.json"), "the scenes' camera") as tmp, \
+            open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
     return meta, time.time() - t0
 

@@ -11,10 +11,12 @@ Map of the file:
     3. data order     which images every step reads, a pure function of (seed, step): exact resume
     4. the step       gradient accumulation + all-reduce + clipping + update; the EMA of weights
     5. logs           losses summed on the device, read once per --log-every steps; progress bar
-    6. checkpoints    atomic writes, safe loading, exact resume (weights, optimiser, RNG)
+    6. checkpoints    atomic writes with a checksum, safe and checked loading, exact
+                      resume (weights, optimiser, RNG)
     7. timing         seconds per call, for estimates and benchmarks
 """
 import functools
+import hashlib
 import os
 import time
 
@@ -23,6 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
+import data
 from data import UserError
 
 
@@ -285,15 +288,84 @@ class StepLog:
 # ---------------------------------------------------------------------------------------------
 # 6. Checkpoints
 # ---------------------------------------------------------------------------------------------
-def save_checkpoint(path, state):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+CHECKSUM = "sha256"                    # the entry that holds a checkpoint's checksum
+
+
+def checksum(state):
+    """SHA-256 of everything in a checkpoint, in a fixed order: each tensor's dtype, shape and
+    bytes, and every other value's repr, walking dicts in sorted key order. Computed from the
+    loaded objects, not the file, so it checks what training will actually use: a flipped byte
+    inside a tensor (which torch.load reads without complaint) changes it, and so does one in
+    a number or a string of the header."""
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())     # the raw bytes, no copy
+        elif isinstance(x, dict):
+            h.update(b"{")
+            for k in sorted(x, key=repr):
+                h.update(repr(k).encode())
+                walk(x[k])
+            h.update(b"}")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for v in x:
+                walk(v)
+            h.update(b"]")
+        else:
+            h.update(repr(x).encode())
+    walk({k: v for k, v in state.items() if k != CHECKSUM})
+    return h.hexdigest()
+
+
+def tensor_bytes(x):
+    """Bytes of the tensors in a nested dict/list: about a checkpoint's size on disk."""
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, dict):
+        return sum(tensor_bytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(tensor_bytes(v) for v in x)
+    return 0
+
+
+def save_checkpoint(path, state, safe=None):
+    """Write `state` with its checksum, atomically: a crash or a full disk mid-write leaves
+    the previous checkpoint intact and no temporary file (data.writing), and says so in one
+    line. `safe` says what to do then; by default, which step the old file still holds."""
+    def still_there():
+        old = steps_done(path)
+        return (f"the file still holds the checkpoint of step {old}, intact: free space and "
+                f"run again with --resume" if old else "no checkpoint was written yet; free "
+                "space and run again")
+    state = dict(state, **{CHECKSUM: checksum(state)})
+    what = f"the checkpoint of step {state['step']}" if "step" in state else "a checkpoint"
+    with data.writing(path, what, safe or still_there, size=tensor_bytes(state)) as tmp:
+        try:
+            with open(tmp, "wb") as f:       # a Python file, so that a full disk is an OSError
+                torch.save(state, f)
+        except RuntimeError as e:            # ... which torch's zip writer then hides behind
+            if isinstance(e.__context__, OSError):   # its own error while closing the file
+                raise e.__context__ from None
+            raise
+
+
+def saved(path, step):
+    """What is safe once the checkpoint of `step` is written: for a later write that fails."""
+    return (f"the checkpoint of step {step} in {path} is intact; free space and run again with "
+            f"--resume")
+
+
+_unchecked = set()                           # old checkpoints already noted once
 
 
 def load_checkpoint(path, kind, what):
-    """torch.load with weights_only=True (a checkpoint is untrusted input) and a kind check."""
+    """torch.load with weights_only=True (a checkpoint is untrusted input), a kind check, and
+    the checksum: a file whose contents changed since it was written (a bad disk, a broken
+    copy) is refused in one line instead of being trained on."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")
     try:
@@ -304,6 +376,14 @@ def load_checkpoint(path, kind, what):
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"{path}: this is a {found} checkpoint, expected {what}")
+    if CHECKSUM not in ckpt:                 # written before checkpoints carried one
+        if path not in _unchecked and is_main():
+            print(f"note: {path} has no checksum (an older checkpoint), so it cannot be checked "
+                  f"for corruption; its next save adds one")
+        _unchecked.add(path)
+    elif checksum(ckpt) != ckpt[CHECKSUM]:
+        raise UserError(f"{path}: corrupted (its contents no longer match the checksum written "
+                        f"with it); use an intact copy, or retrain")
     return ckpt
 
 

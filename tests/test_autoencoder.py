@@ -1,4 +1,6 @@
 """autoencoder.py: shapes, losses against closed forms, training that learns, exact resume, DDP."""
+import errno
+import io
 import math
 import os
 import socket
@@ -10,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 import autoencoder as ae
+import data as data_mod
 import render
 import scenes as scenes_mod
 import training
@@ -254,24 +257,32 @@ def test_overfitting_one_batch_lowers_reconstruction(tmp_path):
     assert last_d < first_d / 2.5, (first_d, last_d)          # geometry is learned too
 
 
-class Crash(Exception):
-    pass
-
-
-def test_resume_is_bit_exact(scenes, tmp_path, monkeypatch):
+def test_resume_after_a_full_disk_is_bit_exact(scenes, tmp_path, monkeypatch, capsys):
     common = ["--steps", "4", "--adv-start", "1", "--every", "2"]   # every loss term resumed
     straight = ae.train(micro_args(scenes, tmp_path / "a", *common))
-    # The same run, killed right after its first checkpoint (step 2), then resumed.
-    save = training.save_checkpoint
+    # The same run whose disk fills up while it writes the checkpoint of step 4: the file it
+    # writes to takes 1 MB (about half), then fails as a full disk does (ENOSPC).
+    class SmallDisk(io.FileIO):
+        def write(self, b):
+            if self.tell() + len(b) > 1_000_000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return super().write(b)
+    opened = []
 
-    def save_then_crash(path, state):
-        save(path, state)
-        raise Crash
-
-    monkeypatch.setattr(training, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        ae.train(micro_args(scenes, tmp_path / "b", *common))
-    monkeypatch.setattr(training, "save_checkpoint", save)
+    def open_(path, mode="r"):
+        opened.append(path)
+        return SmallDisk(path, mode) if len(opened) == 2 else open(path, mode)
+    monkeypatch.setattr(training, "open", open_, raising=False)
+    with pytest.raises(SystemExit) as stop:
+        data_mod.run_cli(lambda: ae.train(micro_args(scenes, tmp_path / "b", *common)))
+    monkeypatch.undo()
+    assert stop.value.code != 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and "the checkpoint of step 4 (" in err[0], err  # one line: what, size,
+    assert "No space left on device" in err[0]                             # why, and what's safe
+    assert "still holds the checkpoint of step 2, intact" in err[0] and "--resume" in err[0]
+    assert sorted(os.listdir(tmp_path / "b")) == ["ckpt.pt", "preview_000002.png"]  # no .tmp
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 2
     resumed = ae.train(micro_args(scenes, tmp_path / "b", "--resume", *common))
     for key in ("model", "ema"):                       # the weights and their average
         for (name, p), q in zip(straight[key].state_dict().items(),
@@ -349,6 +360,7 @@ def test_older_checkpoints_load_unless_they_used_a_removed_option(scenes, tmp_pa
     ckpt = torch.load(path, weights_only=True)
     ckpt["config"].update(plane_layout="centre", plane_decode="grid", field_layers=1,
                           sr_highpass=False, depth_input=False, contraction="linf")
+    del ckpt[training.CHECKSUM]                   # older checkpoints carry none
     torch.save(ckpt, path)
     assert "plane_layout" not in ae.load(str(path)).config
     ae.train(micro_args(scenes, out, "--steps", "2", "--every", "1", "--adv-weight", "0",
@@ -359,6 +371,7 @@ def test_older_checkpoints_load_unless_they_used_a_removed_option(scenes, tmp_pa
                              ("plane_layout", None, "--plane-layout full")):
         old = torch.load(path, weights_only=True)
         old["config"].update(depth_input=False, plane_layout="centre")   # an older checkpoint
+        del old[training.CHECKSUM]
         if value is None:
             del old["config"][key]                # older still: before the option existed
         else:
@@ -504,7 +517,7 @@ def test_resume_with_other_processes_or_flags_is_announced(scenes, tmp_path, cap
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     ck["rng"] = ck["rng"] * 2                         # as if saved by two processes
-    torch.save(ck, tmp_path / "ckpt.pt")
+    training.save_checkpoint(str(tmp_path / "ckpt.pt"), ck)
     run = ae.train(micro_args(scenes, tmp_path, "--steps", "3", "--every", "3",
                               "--adv-weight", "0", "--resume", "--dist-weight", "0.5"))
     out = capsys.readouterr().out

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import diffusion as D
+import training
 from conftest import LDM_MICRO, ROOT
 from data import UserError
 
@@ -229,7 +230,7 @@ def test_bad_inputs_are_one_clear_error(ae_ckpt, tmp_path):
     other = tmp_path / "other.pt"
     ck = torch.load(ae_ckpt, weights_only=True)
     ck["step"] += 1
-    torch.save(ck, other)
+    training.save_checkpoint(str(other), ck)
     with pytest.raises(UserError, match="made by another autoencoder"):
         D.train(ldm_args(str(other), tmp_path / "run", "--steps", "1", "--every", "1"))
     model = D.load(ldm_path)

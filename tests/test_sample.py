@@ -19,6 +19,7 @@ import autoencoder as ae
 import diffusion as D
 import render
 import sample as S
+import training
 from data import UserError
 
 
@@ -228,7 +229,7 @@ def test_bad_inputs_are_one_clear_error(ae_ckpt, ldm_ckpt, tmp_path):
     other = tmp_path / "other_ae.pt"
     ck = torch.load(ae_ckpt, weights_only=True)
     ck["step"] += 1
-    torch.save(ck, other)
+    training.save_checkpoint(str(other), ck)
     with pytest.raises(UserError, match="latents of another autoencoder"):
         run(str(other), ldm_ckpt, tmp_path)
     with pytest.raises(UserError, match="this model knows a, b"):
