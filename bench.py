@@ -5,6 +5,7 @@ bench.py -- speed and memory of each stage, measured the same way every time.
     python bench.py render --device cpu  # one case
     python bench.py render --compile     # the hot path through torch.compile (any device)
     python bench.py ae-step --profile    # also the costliest ops (torch.profiler)
+    python bench.py profile              # a tiny training step, by part and op
     python bench.py data budget          # the loader on 2k vs 20k images; FLOPs and memory
     python bench.py --json bench.json    # also write the numbers as JSON
 
@@ -15,8 +16,9 @@ process's peak resident set size on CPU (which includes Python and torch themsel
 Cases:
     render   the volume renderer, forward + backward: batch 2, 64x64 rays, 48 coarse + 48 fine
              samples per ray, triplane 3 x 32 x 128 x 128, field MLP 32 -> 64 -> 1 + 32.
-    sample   DDIM-50 samples per second at batch 4 for a 4x32x32 latent with the base UNet,
-             its parameter count, and a library UNet of the same shape when diffusers is there.
+    sample   DDIM-50 samples per second at batch 4 for a 4x32x32 latent with the base UNet
+             (and the seconds of DPM-Solver++ at 15 steps, sample.py's default), its parameter
+             count, and a library UNet of the same shape when diffusers is there.
     ae-step  one autoencoder training step (both players of the GAN), images/s, peak memory.
     e2e      seconds from a latent to a 60-frame turntable (decode + render + upsample).
     data     (not in the default set) the training loader on 2k vs 20k images: folder vs
@@ -25,6 +27,9 @@ Cases:
              each stage's training step for every preset, and labelled H100 estimates.
     checkpoint  (not in the default set) what the checksum of a checkpoint costs at the tiny
              and base sizes, beside torch.save and torch.load of the same state.
+    profile  (not in the default set) where a tiny training step's time goes, for both
+             stages: by part of the code (encoder, decoder, each render, losses, backward,
+             optimiser, EMA, logging, data), then by operator (torch.profiler).
 """
 import argparse
 import json
@@ -128,7 +133,11 @@ def bench_sample(device, args):
         diffusion.ddim_sample(model, (4, 4, 32, 32), steps=2)                # warm-up
         full = timed(lambda: diffusion.ddim_sample(model, (4, 4, 32, 32), steps=50), device, 0,
                      1 if device.type == "cpu" else args.iters)
+        fast = timed(lambda: diffusion.ddim_sample(model, (4, 4, 32, 32), steps=15,
+                                                   sampler="dpm++"), device, 0,
+                     1 if device.type == "cpu" else args.iters)
     r = dict(case="sample", unet_params_m=n_par / 1e6, ddim50_s=full, samples_per_s=4 / full,
+             dpm15_s=fast,
              peak_mem_mb=peak_memory_mb(device),
              config="base UNet (ch 128, mult 1,2,2, 2 blocks, attn 16,8), batch 4, 4x32x32")
     ours = lambda: model.net(x, t, y)
@@ -448,9 +457,170 @@ def bench_checkpoint(device, args):
     return dict(case="checkpoint", rows=rows)
 
 
+class ByCaller:
+    """Wall time split by the part of the code that spent it. Each part is a function or
+    method wrapped in place (and restored by undo()); a part's time excludes the parts it
+    calls, so the rows add up to the total. On a CPU the ops run synchronously, so the clock
+    is the cost; on a GPU each part synchronises first (which serialises the queue: the
+    shares are still right, the total is slower than training)."""
+
+    def __init__(self, device):
+        self.device, self.undo_list, self.stack = device, [], []
+        self.reset()
+
+    def reset(self):
+        """Start the clock (again), from zero."""
+        self.seconds, self.t0, self.t1 = {}, time.perf_counter(), None
+
+    def stop(self):
+        """Stop the clock: what runs after (the final checkpoint and preview) is left out."""
+        self.t1 = time.perf_counter()
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def wrap(self, owner, name, label):
+        fn = getattr(owner, name)
+
+        def timed_part(*a, **k):
+            self.sync()
+            t0 = time.perf_counter()
+            self.stack.append(0.0)                       # time spent in parts called inside
+            try:
+                return fn(*a, **k)
+            finally:
+                self.sync()
+                dt, inner = time.perf_counter() - t0, self.stack.pop()
+                key = label(*a) if callable(label) else label
+                if self.t1 is None:
+                    self.seconds[key] = self.seconds.get(key, 0.0) + dt - inner
+                if self.stack:
+                    self.stack[-1] += dt
+        setattr(owner, name, timed_part)
+        self.undo_list.append((owner, name, fn))
+
+    def undo(self):
+        for owner, name, fn in reversed(self.undo_list):
+            setattr(owner, name, fn)
+        self.undo_list = []
+
+    def table(self, steps):
+        total = self.t1 - self.t0
+        rows = sorted(self.seconds.items(), key=lambda kv: -kv[1])
+        rows.append(("the rest (the loop, Python)", total - sum(self.seconds.values())))
+        return total / steps, [dict(part=k, ms_per_step=1e3 * v / steps, share=v / total)
+                               for k, v in rows]
+
+
+def profile_training(stage, device, args, by_ops):
+    """Run the real training loop of `stage` (autoencoder or diffusion) at the tiny preset for
+    `--warmup` + `--iters` x 10 steps on a small synthetic set and return where the measured
+    steps' time went: by part of the code (ByCaller) or, with by_ops, by operator
+    (torch.profiler, self time). The warm-up steps are left out of both."""
+    import os
+    import tempfile
+    import autoencoder as ae
+    import diffusion
+    import scenes
+    import training
+    steps, warm = args.warmup + 10 * args.iters, args.warmup
+    common = ["--preset", "tiny", "--device", device.type, "--every", "100000",
+              "--log-every", "10"]
+    parts = ByCaller(device)
+    if stage == "autoencoder":
+        cls = ae.AutoEncoder
+
+        def which_view(model, planes, cams, *a, **k):     # the input camera, or a novel one
+            p0 = model.P0(len(cams)).to(cams.device)
+            return "render P0 (volume)" if torch.equal(cams, p0) else "render novel view (volume)"
+        for owner, name, label in (
+                (cls, "posterior", "encoder"), (cls, "decode", "decoder"),
+                (cls, "render", which_view), (ae.Field, "forward", "field MLP (every sample)"),
+                (ae.Upsampler, "forward", "upsampler"),
+                (ae, "autoencoder_loss", "losses (the rest of the forward)"),
+                (ae.Discriminator, "forward", "discriminator forward"),
+                (ae, "discriminator_step", "discriminator step (the rest)")):
+            parts.wrap(owner, name, label)
+    else:
+        parts.wrap(diffusion.UNet, "forward", "UNet forward")
+        parts.wrap(diffusion, "train_step", "noising + loss (the rest of the forward)")
+        parts.wrap(diffusion, "read_batch", "data (latent batches)")
+    parts.wrap(torch.Tensor, "backward", "backward (all parts)")
+    parts.wrap(torch.nn.utils, "clip_grad_norm_", "gradient clipping")
+    for opt in (torch.optim.Adam, torch.optim.AdamW):
+        parts.wrap(opt, "step", "optimiser (Adam)")
+    parts.wrap(training, "ema_update", "EMA of the weights")
+    parts.wrap(torch.utils.data.dataloader._BaseDataLoaderIter, "__next__", "data loading")
+    prof = None
+    if by_ops:
+        from torch.profiler import ProfilerActivity, profile, schedule
+        prof = profile(activities=[ProfilerActivity.CPU] + (
+            [ProfilerActivity.CUDA] if device.type == "cuda" else []),
+            schedule=schedule(wait=warm - 1, warmup=1, active=steps - warm))
+    parts.wrap(training.StepLog, "add", "logging")
+    timed_add = training.StepLog.add
+
+    def step_done(log, step, logs):                       # the loop calls this once a step
+        timed_add(log, step, logs)
+        if step == warm:
+            parts.reset()                                 # measure from here
+        if step == steps:
+            parts.stop()                                  # to here
+        if prof is not None:
+            prof.step()
+    training.StepLog.add = step_done                      # (undo() restores the original)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = os.path.join(tmp, "scenes")
+            scenes.make_scenes(data, 256, res=64, verbose=False)
+            ae_args = ae.get_args(common + ["--data", data, "--out", os.path.join(tmp, "ae"),
+                                            "--steps", str(steps if stage == "autoencoder"
+                                                           else 1)])
+            if prof is not None and stage == "autoencoder":
+                prof.start()
+            ae.train(ae_args)
+            if stage == "diffusion":
+                if prof is not None:
+                    prof.start()
+                diffusion.train(diffusion.get_args(common + [
+                    "--ae", os.path.join(tmp, "ae", "ckpt.pt"), "--out",
+                    os.path.join(tmp, "ldm"), "--steps", str(steps)]))
+            if prof is not None:
+                prof.stop()
+            sec, rows = parts.table(steps - warm)
+    finally:
+        parts.undo()
+    if prof is None:
+        return sec, rows
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops)
+    return sec, [dict(op=e.key, ms_per_step=e.self_cpu_time_total / 1e3 / (steps - warm),
+                      share=e.self_cpu_time_total / total, calls=e.count // (steps - warm))
+                 for e in ops[:12]]
+
+
+def bench_profile(device, args):
+    """Where a tiny training step's time goes, for both stages: by part of the code (encoder,
+    decoder, each render, losses, backward, optimiser, EMA, logging, data) and by operator."""
+    out = dict(case="profile")
+    for stage in ("autoencoder", "diffusion"):
+        sec, rows = profile_training(stage, device, args, by_ops=False)
+        print(f"  tiny {stage} step: {1e3 * sec:.1f} ms, by part of the code:")
+        for r in rows:
+            print(f"    {r['part']:40s} {r['ms_per_step']:8.1f} ms  {100 * r['share']:5.1f}%")
+        _, ops = profile_training(stage, device, args, by_ops=True)
+        print("  ... by operator (self time, under the profiler):")
+        for r in ops:
+            print(f"    {r['op']:40s} {r['ms_per_step']:8.1f} ms  {100 * r['share']:5.1f}%  "
+                  f"{r['calls']:4d} calls/step")
+        out[stage] = dict(ms_per_step=1e3 * sec, parts=rows, ops=ops)
+    return out
+
+
 CASES = {"render": bench_render, "ae-step": bench_ae_step, "sample": bench_sample,
          "e2e": bench_e2e, "data": bench_data, "budget": bench_budget,
-         "checkpoint": bench_checkpoint}
+         "checkpoint": bench_checkpoint, "profile": bench_profile}
 DEFAULT_CASES = ["render", "ae-step", "sample", "e2e"]
 
 
@@ -504,7 +674,8 @@ def main():
         r.update(device=name, compile=args.compile, torch=torch.__version__)
         results.append(r)
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in r.items() if k not in ("device", "torch", "runs", "rows")))
+                        for k, v in r.items() if k not in ("device", "torch")
+                        and not isinstance(v, (dict, list))))
     if args.json:
         with data.writing(args.json, "the results") as tmp, open(tmp, "w") as f:
             json.dump(results, f, indent=1)

@@ -14,6 +14,7 @@ cached).
     python evaluate.py validate                       # train (once) and check the metric network
     python evaluate.py views runs/ae-tiny/ckpt.pt     # (b) novel views, (c) reconstructions, PSNR
     python evaluate.py samples runs/ae-tiny/ckpt.pt runs/ldm-tiny/ckpt.pt   # (a) samples
+    python evaluate.py samplers runs/ldm-tiny/ckpt.pt # each sampler's error against the ODE
 
 Map of the file:
     1. novel views      PSNR, the copy and depth-warp baselines, which pixels the input saw
@@ -22,7 +23,8 @@ Map of the file:
     3. distances        Frechet distance, KID (unbiased, jackknife standard error), precision
                         and recall (k-NN manifolds)
     4. validation       disjoint real sets ~ 0; blur, noise and colour shift ladders; empty rooms
-    5. scoring          (a) samples, (b) novel views, (c) reconstructions; empty samples
+    5. scoring          (a) samples, (b) novel views, (c) reconstructions; empty samples;
+                        the samplers' distance from the exact ODE solution
     6. command line
 """
 import argparse
@@ -545,7 +547,8 @@ def score_views(net, root, model, max_scenes=None, save=None):
 
 
 @torch.no_grad()
-def score_samples(net, root, ae_model, ldm, n=256, seed=0, steps=50, yaw=20.0, eta=0.0):
+def score_samples(net, root, ae_model, ldm, n=256, seed=0, steps=50, yaw=20.0, eta=0.0,
+                  sampler="ddim"):
     """(a) n samples, rendered at P0 and at yaw +-yaw, against the held-out scenes' real views
     at the same poses; the fraction of samples with no object (the metric network's object
     count, at P0); and the samples' latent spread: the standard deviation of their latents in
@@ -555,7 +558,7 @@ def score_samples(net, root, ae_model, ldm, n=256, seed=0, steps=50, yaw=20.0, e
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % ldm.num_classes if ldm.num_classes else None
     z = diffusion.ddim_sample(ldm, (n, *ldm.config["latent_shape"]), steps, eta, labels, 1.0,
-                              generator=g, progress=True)
+                              generator=g, progress=True, sampler=sampler)
     planes = ae_model.decode(z)
 
     def views(y):                                # all samples from yaw y: (n, 3, res, res)
@@ -578,6 +581,25 @@ def score_samples(net, root, ae_model, ldm, n=256, seed=0, steps=50, yaw=20.0, e
     return out
 
 
+@torch.no_grad()
+def sampler_errors(ldm, n=64, seed=0, budgets=(5, 10, 15, 20, 30, 50), reference=1000):
+    """How far each sampler lands from the exact solution of the sampling ODE, at each step
+    budget: the RMS distance between its latents and those of a `reference`-step DDIM run from
+    the same noise, in the model's normalised units (where the data's latents have std 1).
+    Paired, so it separates samplers far more finely than a distribution metric can.
+    -> rows [{sampler, steps, rms}]."""
+    noise = torch.randn((n, *ldm.config["latent_shape"]), generator=torch.Generator().manual_seed(
+        seed))
+    labels = torch.arange(n) % ldm.num_classes if ldm.num_classes else None
+
+    def run(sampler, steps):
+        return ldm.normalize(diffusion.ddim_sample(ldm, None, steps, labels=labels, noise=noise,
+                                                   sampler=sampler))
+    exact = run("ddim", reference)
+    return [dict(sampler=s, steps=k, rms=(run(s, k) - exact).square().mean().sqrt().item())
+            for s in diffusion.SAMPLERS for k in budgets]
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. Command line
 # ---------------------------------------------------------------------------------------------
@@ -596,20 +618,23 @@ def write_json(path, obj):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Novel-view and sample metrics for synthetic scenes.")
-    p.add_argument("what", choices=["validate", "views", "samples"])
-    p.add_argument("ckpt", nargs="*", help="views: AE_CKPT; samples: AE_CKPT LDM_CKPT")
+    p.add_argument("what", choices=["validate", "views", "samples", "samplers"])
+    p.add_argument("ckpt", nargs="*", help="views: AE_CKPT; samples: AE_CKPT LDM_CKPT; "
+                   "samplers: LDM_CKPT")
     p.add_argument("--data", default=None, help="synthetic scenes with held-out views "
                    "(default: the autoencoder's default data, data/scenes-64)")
     p.add_argument("--res", type=int, default=64, help="the metric network's input size")
     p.add_argument("--n", type=int, default=256, help="samples to score (samples)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (samples), as sample.py")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (samples)")
+    p.add_argument("--sampler", default="ddim", choices=diffusion.SAMPLERS,
+                   help="samples: ddim (the reference) or dpm++, as sample.py")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (samples): 0 deterministic, "
                    "1 DDPM-like, as sample.py")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default=None, help="write the numbers here too")
     args = p.parse_args(argv)
-    need = dict(validate=0, views=1, samples=2)[args.what]
+    need = dict(validate=0, views=1, samples=2, samplers=1)[args.what]
     if len(args.ckpt) != need:
         raise UserError(f"evaluate.py {args.what} takes {need} checkpoint path(s), got "
                         f"{len(args.ckpt)}")
@@ -618,6 +643,12 @@ def main(argv=None):
                         f"{args.eta}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.what == "samplers":                  # the ODE error alone: no metric network
+        rows = sampler_errors(diffusion.load(args.ckpt[0]), seed=args.seed)
+        print_rows(rows, ["sampler", "steps", "rms"])
+        if args.json:
+            write_json(args.json, rows)
+        return rows
     # The checkpoints first: a bad one fails in a second, not after the metric network trained.
     if args.what == "views":
         model = ae.load(args.ckpt[0])
@@ -641,7 +672,7 @@ def main(argv=None):
             print(f"  {k:28s} {v:.4g}")
     else:
         result = score_samples(net, root, ae_model, ldm, args.n, args.seed, args.steps,
-                               eta=args.eta)
+                               eta=args.eta, sampler=args.sampler)
         for k, v in result.items():
             print(f"  {k:28s} {v:.4g}")
     if args.json:

@@ -16,7 +16,7 @@ import diffusion as D
 import evaluate as E
 import sample as S
 import training
-from conftest import AE_MICRO, LDM_MICRO, micro_args
+from conftest import LDM_MICRO, micro_args
 from data import UserError
 
 

@@ -99,6 +99,36 @@ def test_ddim_samples_a_gaussian_with_the_right_moments(eta, schedule):
     assert err[1] < err[0]
 
 
+def test_dpm_solver_of_order_one_is_ddim_and_its_first_step_too():
+    model = oracle_model(0.7, 0.5, "v", "cosine")
+    x = torch.randn(8, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    ts = D.ddim_timesteps(12, model.T - 1)
+    ddim = D.ddim_loop(model, x, ts)
+    assert torch.allclose(D.dpm_solver_loop(model, x, ts, order=1), ddim, atol=1e-5)
+    assert not torch.allclose(D.dpm_solver_loop(model, x, ts), ddim, atol=1e-3)  # order 2 differs
+    one_step = ts[-2:]                                 # a single step, then the clean sample
+    assert torch.allclose(D.dpm_solver_loop(model, x, one_step), D.ddim_loop(model, x, one_step),
+                          atol=1e-5)
+
+
+@pytest.mark.parametrize("pred,schedule,gain", [("eps", "linear", 2.5), ("v", "cosine", 10)])
+def test_dpm_solver_converges_to_the_exact_ode_solution_faster_than_ddim(pred, schedule, gain):
+    # For data N(m, s^2) the probability-flow ODE keeps x_t's standard score
+    # (x_t - sqrt(a) m) / sqrt(a s^2 + 1 - a) constant: from x_T it lands on m + s * that score.
+    m, s = 0.7, 0.5
+    model = oracle_model(m, s, pred, schedule)
+    x = torch.randn(256, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    a = model.alpha_bar[-1]
+    exact = m + s * (x - a.sqrt() * m) / (a * s ** 2 + 1 - a).sqrt()
+    err = {(name, n): (D.ddim_sample(model, None, n, noise=x, sampler=name) - exact).abs().max()
+           for name in ("ddim", "dpm++") for n in (20, 50, 200)}
+    for n in (20, 50):                                  # well under DDIM's error at equal cost
+        assert err["dpm++", n] < err["ddim", n] / gain, err
+    assert err["dpm++", 200] < err["dpm++", 20] / 20 and err["dpm++", 200] < 2e-3, err
+    with pytest.raises(UserError, match="dpm\\+\\+"):
+        D.ddim_sample(model, (1, 2, 4, 4), 5, eta=1.0, sampler="dpm++")
+
+
 def test_inverse_ddim_then_ddim_returns_the_start():
     model = oracle_model(0.3, 0.8)
     z = 0.3 + 0.8 * torch.randn(16, 2, 4, 4, generator=torch.Generator().manual_seed(0))

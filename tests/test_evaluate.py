@@ -258,3 +258,18 @@ def test_sampler_flags_out_of_range_give_one_clear_line(flags):
     checkpoint paths do not even exist here)."""
     with pytest.raises(UserError, match="--steps must be >= 1 and --eta in"):
         E.main(["samples", "missing_ae.pt", "missing_ldm.pt", *flags])
+
+
+def test_samplers_converge_to_the_reference_solution(ldm_ckpt, tmp_path):
+    """evaluate.py samplers: each sampler's RMS distance from a many-step DDIM solution of the
+    same ODE, from the same noise, falls as it takes more steps (and is 0 for DDIM at the
+    reference's own step count)."""
+    rows = E.main(["samplers", ldm_ckpt, "--json", str(tmp_path / "s.json")])
+    rms = {(r["sampler"], r["steps"]): r["rms"] for r in rows}
+    assert set(rms) == {(s, k) for s in D.SAMPLERS for k in (5, 10, 15, 20, 30, 50)}
+    for s in D.SAMPLERS:
+        assert rms[s, 50] < rms[s, 10] < rms[s, 5], rms
+    model = D.load(ldm_ckpt)
+    same = E.sampler_errors(model, n=4, budgets=(50,), reference=50)
+    assert [r["rms"] == 0.0 for r in same] == [s == "ddim" for s in D.SAMPLERS]
+    assert os.path.isfile(tmp_path / "s.json")

@@ -238,6 +238,15 @@ def test_bad_inputs_are_one_clear_error(ae_ckpt, ldm_ckpt, tmp_path):
         run(ae_ckpt, ldm_ckpt, tmp_path, "--frames", "1")
     with pytest.raises(UserError, match="strength"):
         run(ae_ckpt, ldm_ckpt, tmp_path, "--resample", photo(ae_ckpt), "--strength", "2")
+    with pytest.raises(UserError, match="--eta 1.0 needs --sampler ddim"):
+        run(ae_ckpt, ldm_ckpt, tmp_path, "--eta", "1")
+
+
+def test_the_default_sampler_is_dpm_solver_in_15_steps():
+    args = S.get_args(["--ae", "a.pt"])
+    assert (args.sampler, args.steps) == ("dpm++", 15)
+    assert S.get_args(["--ae", "a.pt", "--sampler", "ddim"]).steps == 50
+    assert S.get_args(["--ae", "a.pt", "--sampler", "ddim", "--steps", "7"]).steps == 7
 
 
 @pytest.mark.slow
