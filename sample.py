@@ -11,6 +11,7 @@ geometry export, and the metrics.
     python sample.py --ae A --ldm L --interp a.jpg b.jpg           # or --interp-seeds 1 2
     python sample.py --ae A --ldm L --resample photo.jpg --strength 0.3,0.6
     python sample.py --ae A --ldm L --export-ply --metrics         # point clouds, NFS (+ FID/KID)
+    python sample.py --ae A --image photo.jpg --export-mesh         # a triangle mesh of a photo
 
     python sample.py --ae A --ldm L --viewer                       # + viewer.html: orbit by hand
 
@@ -23,7 +24,8 @@ Map of the file:
     2. cameras and frames  turntable cameras, rendering frames in chunks, PNG / GIF writers
     3. the 3D viewer       views on a yaw x pitch grid as sprites in one offline HTML page
     4. modes               generate, novel views of a photo, interpolation, resampling
-    5. geometry            coloured point clouds from rendered depth, written as PLY
+    5. geometry            coloured point clouds from rendered depth, and triangle meshes by
+                           marching cubes over the density, written as PLY
     6. metrics             NFS (non-flatness score), FID / KID through torch-fidelity
     7. the demo            autoencoder -> diffusion -> samples on the synthetic scenes
 """
@@ -368,6 +370,9 @@ def generate(ae_model, ldm, args, device):
         written += [export_ply(ae_model, planes[i:i + 1], os.path.join(args.out,
                                                                        f"points_{i:03d}.ply"))
                     for i in range(args.n)]
+    if args.export_mesh:
+        written += [export_mesh(ae_model, planes[i:i + 1], os.path.join(
+            args.out, f"mesh_{i:03d}.ply"), args.mesh_res)[0] for i in range(args.n)]
     if args.viewer:
         written.append(write_viewer(ae_model, [(f"sample {i}", planes[i:i + 1])
                                                for i in range(args.n)],
@@ -389,6 +394,11 @@ def novel_views(ae_model, args, device):
     pipeline_figure(ae_model, image, os.path.join(args.out, f"{stem}_pipeline.png"))
     if args.export_ply:
         print("wrote " + export_ply(ae_model, planes, os.path.join(args.out, f"{stem}.ply")))
+    if args.export_mesh:
+        path, verts, faces = export_mesh(ae_model, planes, os.path.join(
+            args.out, f"{stem}_mesh.ply"), args.mesh_res)
+        print(f"wrote {path} ({len(verts)} vertices, {len(faces)} triangles; a picture of it: "
+              f"{os.path.splitext(path)[0]}.png)")
     if args.viewer:
         print("wrote " + write_viewer(ae_model, [(f"photo {stem}", planes)],
                                       os.path.join(args.out, f"{stem}_viewer.html"),
@@ -532,7 +542,7 @@ def pipeline_figure(ae_model, image, path, ldm=None, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Geometry: a coloured point cloud from rendered depth
+# 5. Geometry: a coloured point cloud from rendered depth, a mesh from the density
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def point_cloud(ae_model, planes, yaws=(-20.0, 0.0, 20.0), min_opacity=0.5):
@@ -558,20 +568,114 @@ def point_cloud(ae_model, planes, yaws=(-20.0, 0.0, 20.0), min_opacity=0.5):
     return pts[keep].cpu().numpy(), rgb[keep.cpu().numpy()]
 
 
-def write_ply(path, points, colours):
-    """ASCII PLY with x y z red green blue per vertex: MeshLab, Blender and Open3D read it."""
-    with data_mod.writing(path, "a point cloud") as tmp, open(tmp, "w") as f:
+def write_ply(path, points, colours, faces=None):
+    """ASCII PLY with x y z red green blue per vertex, and triangles (vertex indices) when
+    `faces` (T, 3) is given: MeshLab, Blender and Open3D read it."""
+    with data_mod.writing(path, "a mesh" if faces is not None else "a point cloud") as tmp, \
+            open(tmp, "w") as f:
         f.write("ply\nformat ascii 1.0\n")
         f.write(f"element vertex {len(points)}\n")
         f.write("property float x\nproperty float y\nproperty float z\n")
-        f.write("property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n")
+        f.write("property uchar red\nproperty uchar green\nproperty uchar blue\n")
+        if faces is not None:
+            f.write(f"element face {len(faces)}\nproperty list uchar int vertex_indices\n")
+        f.write("end_header\n")
         for (x, y, z), (r, g, b) in zip(points, colours):
             f.write(f"{x:.5f} {y:.5f} {z:.5f} {r} {g} {b}\n")
+        for a, b, c in faces if faces is not None else ():
+            f.write(f"3 {a} {b} {c}\n")
     return path
 
 
 def export_ply(ae_model, planes, path):
     return write_ply(path, *point_cloud(ae_model, planes))
+
+
+# A triangle mesh from the density field: the level set sigma = MESH_LEVEL, found by marching
+# cubes (Lorensen & Cline 1987) over the un-contracted cube [-1, 1]^3 around the pivot, where
+# the scene's objects are. The level is the density that absorbs half of the light within
+# 1/32 of the cube's width (ln 2 / (2 / 32)): a ray entering a thicker region that dense ends
+# there, so the level set is where the renders put surfaces, whatever the grid size.
+MESH_LEVEL = math.log(2) * 16
+
+
+@torch.no_grad()
+def density_grid(ae_model, planes, n=64):
+    """Density (n, n, n) (axes x, y, z) on an n^3 grid over [-1, 1]^3, read from the
+    triplanes (1, 3, C, R, R) the way the renderer reads them."""
+    xs = torch.linspace(-1, 1, n, device=planes.device)
+    pts = torch.stack(torch.meshgrid(xs, xs, xs, indexing="ij"), -1).view(1, -1, 3)
+    sigma = torch.cat([query_field(ae_model, planes, p)[0] for p in pts.split(65536, 1)], 1)
+    return sigma.view(n, n, n).cpu().numpy()
+
+
+def query_field(ae_model, planes, points):
+    """Points (1, M, 3) in world units -> density (1, M), raw RGB in [-1, 1] (1, M, 3)."""
+    feats = render.sample_triplane(planes, render.contract(points) / 2)     # (1, M, C)
+    sigma, out = ae_model.field(feats)
+    return sigma[..., 0], out[..., :3].clamp(-1, 1)
+
+
+def marching_cubes(volume, level, lo=-1.0, hi=1.0):
+    """Vertices (V, 3) in world units and triangles (T, 3) of the level set of a density grid
+    (n, n, n) sampled on [lo, hi]^3 (scikit-image's marching cubes, imported only here)."""
+    try:
+        from skimage import measure
+    except ImportError:
+        raise UserError("--export-mesh needs scikit-image for marching cubes: "
+                        "pip install scikit-image")
+    if not volume.min() < level < volume.max():
+        raise UserError(f"the density never crosses the level {level:.3g} inside the cube "
+                        f"(its range is {volume.min():.3g} to {volume.max():.3g}): no surface")
+    step = (hi - lo) / (volume.shape[0] - 1)
+    verts, faces, _, _ = measure.marching_cubes(volume, level, spacing=(step,) * 3)
+    return verts + lo, faces
+
+
+@torch.no_grad()
+def export_mesh(ae_model, planes, path, n=64, level=MESH_LEVEL):
+    """A coloured triangle mesh of one scene (planes (1, 3, C, R, R)) -> PLY, plus a picture
+    of it (PATH with .png). Returns (path, vertices, faces)."""
+    verts, faces = marching_cubes(density_grid(ae_model, planes, n), level)
+    pts = torch.from_numpy(verts).float().to(planes.device)[None]          # (1, V, 3)
+    colour = query_field(ae_model, planes, pts)[1][0]                      # (V, 3)
+    rgb = to_uint8(colour.T.unsqueeze(-1))[:, 0]           # as a (3, V, 1) image -> (V, 3)
+    write_ply(path, verts, rgb, faces)
+    mesh_picture(verts, faces, rgb, os.path.splitext(path)[0] + ".png")
+    return path, verts, faces
+
+
+def mesh_picture(verts, faces, rgb, path):
+    """The mesh from P0 and from 40 degrees to its left and above: triangles in their
+    vertices' mean colour, shaded by a light at the viewer, drawn back to front by matplotlib."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+    # World y points down (image rows) and P0 sits on -z; matplotlib's z points up and
+    # azim=-90 looks from -y: plot (x, z, -y), and that view is P0's, right side up.
+    tri = np.stack([verts[:, 0], verts[:, 2], -verts[:, 1]], 1)[faces]       # (T, 3, 3)
+    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    normal /= np.linalg.norm(normal, axis=1, keepdims=True) + 1e-12
+    fig = plt.figure(figsize=(9, 4.5))
+    for k, (elev, azim, title) in enumerate(((0, -90, "from P0"),
+                                             (30, -130, "from the left, above"))):
+        ax = fig.add_subplot(1, 2, k + 1, projection="3d")
+        e, a = np.radians(elev), np.radians(azim)
+        eye = np.array([np.cos(e) * np.cos(a), np.cos(e) * np.sin(a), np.sin(e)])
+        # Lambert shading, the light at the viewer, either side of a triangle alike.
+        shade = 0.35 + 0.65 * np.abs(normal @ eye)
+        colours = np.clip(rgb[faces].mean(1) / 255 * shade[:, None], 0, 1)
+        ax.add_collection3d(Poly3DCollection(tri, facecolors=colours, edgecolors=colours,
+                                             linewidths=0.3))
+        ax.set(xlim=(-1, 1), ylim=(-1, 1), zlim=(-1, 1), title=title)
+        ax.view_init(elev=elev, azim=azim)
+        ax.set_axis_off()
+    fig.tight_layout()
+    with data_mod.writing(path, "a picture") as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -843,6 +947,9 @@ def get_args(argv=None):
     a("--resample", metavar="PHOTO", help="generative resampling of this photo")
     a("--strength", default="0.25,0.5,0.75", help="resampling strength(s) in [0, 1], comma list")
     a("--export-ply", action="store_true", help="write a coloured point cloud per sample")
+    a("--export-mesh", action="store_true", help="write a coloured triangle mesh (PLY, and a "
+      "PNG of it) per sample, by marching cubes (pip install scikit-image)")
+    a("--mesh-res", type=int, default=64, help="marching-cubes grid points per axis")
     a("--metrics", action="store_true", help="print NFS (and FID/KID with torch-fidelity)")
     a("--viewer", action="store_true", help="also write viewer.html: every scene on a yaw x "
       "pitch grid, to turn by hand in a browser (offline; on by default in --demo)")
@@ -856,8 +963,8 @@ def get_args(argv=None):
     if args.n is not None and args.n < 1:
         raise UserError("--n must be at least 1")
     args.steps = STEPS[args.sampler] if args.steps is None else args.steps
-    if args.frames < 2 or args.steps < 1:
-        raise UserError("--frames must be at least 2, --steps at least 1")
+    if args.frames < 2 or args.steps < 1 or args.mesh_res < 8:
+        raise UserError("--frames must be at least 2, --steps at least 1, --mesh-res at least 8")
     if args.eta != 0 and args.sampler != "ddim":
         raise UserError(f"--eta {args.eta} needs --sampler ddim (dpm++ solves the deterministic "
                         f"ODE, eta 0)")

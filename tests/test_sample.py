@@ -76,6 +76,45 @@ def test_point_cloud_unprojects_depth_to_the_right_distance():
     assert abs(pts[:, 2] - (3.0 - 2.7)).max() < 1e-5
 
 
+def read_ply(path):
+    """A minimal ASCII PLY reader: vertices (V, 3), colours (V, 3), triangles (T, 3)."""
+    lines = open(path).read().splitlines()
+    count = {ln.split()[1]: int(ln.split()[2]) for ln in lines if ln.startswith("element")}
+    body = lines[lines.index("end_header") + 1:]
+    v = np.array([ln.split() for ln in body[:count["vertex"]]], dtype=float)
+    f = np.array([ln.split() for ln in body[count["vertex"]:]], dtype=int)
+    assert len(f) == count.get("face", 0) and (len(f) == 0 or (f[:, 0] == 3).all())
+    return v[:, :3], v[:, 3:], f[:, 1:] if len(f) else f
+
+
+def test_marching_cubes_puts_a_spheres_surface_at_its_radius():
+    pytest.importorskip("skimage", reason="marching cubes needs scikit-image")
+    # An off-centre sphere's density (x, y, z axes as density_grid lays them out), sharp but
+    # smooth, crossing the level exactly at radius r.
+    n, r, centre = 48, 0.5, np.array([0.2, -0.1, 0.3])
+    xs = np.linspace(-1, 1, n)
+    pts = np.stack(np.meshgrid(xs, xs, xs, indexing="ij"), -1)
+    volume = 100 / (1 + np.exp((np.linalg.norm(pts - centre, axis=-1) - r) * 40))
+    verts, faces = S.marching_cubes(volume, 50.0)
+    dist = np.linalg.norm(verts - centre, axis=1)
+    assert len(faces) > 100 and np.abs(dist - r).max() < 2 / (n - 1)    # within one voxel
+    with pytest.raises(UserError, match="never crosses the level"):
+        S.marching_cubes(volume, 200.0)
+
+
+def test_a_mesh_from_a_tiny_model_has_coloured_faces(ae_ckpt, tmp_path):
+    pytest.importorskip("skimage", reason="marching cubes needs scikit-image")
+    model = ae.load(ae_ckpt)
+    image, depth = S.load_photo(photo(ae_ckpt), model, torch.device("cpu"))
+    planes = model.decode(model.encode(image, depth))
+    level = float(np.median(S.density_grid(model, planes, 16)))     # a 2-step model's scale
+    path, verts, faces = S.export_mesh(model, planes, str(tmp_path / "m.ply"), 16, level)
+    v, rgb, f = read_ply(path)
+    assert len(f) > 0 and np.allclose(v, verts, atol=1e-4) and f.max() < len(v)
+    assert np.abs(v).max() <= 1 + 1e-6 and ((rgb >= 0) & (rgb <= 255)).all()
+    assert Image.open(tmp_path / "m.png").size[0] >= 400                  # its picture
+
+
 def test_novel_views_of_a_photo_need_no_diffusion_model(ae_ckpt, tmp_path):
     out = run(ae_ckpt, None, tmp_path, "--image", photo(ae_ckpt))
     assert Image.open(out["gif"]).n_frames == 4
