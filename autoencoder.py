@@ -868,6 +868,15 @@ def setup(args):
         step = training.resume_from(ckpt_path, CKPT_KIND, config, args.seed,
                                     upgrade=upgrade_config, args=args, model=model, disc=disc,
                                     opt=opt, opt_d=opt_d, **averaged)
+    # What the run will cost here, said (or refused in one line) before the first step.
+    def loss_at(B):                 # the generator's loss on B random images (and depth maps)
+        image = torch.rand(B, 3, args.res, args.res, device=device) * 2 - 1
+        depth = 2 + torch.rand(B, 1, args.res, args.res, device=device) if ds.use_depth else None
+        return autoencoder_loss(model, disc, image, depth, args, args.adv_weight > 0, None)[0]
+    model.train()
+    training.preflight(loss_at, ([model, disc], [m for m in (ema,) if m is not None]),
+                       args.batch, args.accum, args.steps - step, device,
+                       f"the {args.preset} autoencoder at {args.res} px")
     if args.compile:                                  # CUDA: Triton; CPU: inductor's C++
         model.encoder.compile()                       # in place: state_dict keys unchanged
         model.decoder.compile()

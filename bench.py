@@ -315,33 +315,17 @@ def bench_data(device, args):
 
 
 # --- budget: parameters, FLOPs and activation memory of one training step -------------------
-def saved_bytes(fn):
-    """Run fn() and return the bytes of all tensors autograd saves for the backward pass (the
-    activation memory of a training step), each storage counted once. Device-independent: on
-    a GPU the allocator's peak adds the step's temporaries, which this does not count."""
-    seen, total = set(), [0]
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in seen:
-            seen.add(s.data_ptr())
-            total[0] += s.nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total[0]
-
-
 def step_cost(build_loss, batches):
     """FLOPs (torch.utils.flop_counter: matmuls, convolutions, attention; not grid_sample or
     elementwise work) of forward + backward, and saved activation bytes, at each batch size."""
     from torch.utils.flop_counter import FlopCounterMode
+    import training
     rows = []
     for B in batches:
         counter = FlopCounterMode(display=False)
         with counter:
             build_loss(B)().backward()
-        act = saved_bytes(lambda: build_loss(B)())
+        act = training.saved_bytes(lambda: build_loss(B)())
         rows.append((B, counter.get_total_flops(), act))
     (b1, f1, a1), (b2, f2, a2) = rows[0], rows[-1]
     return dict(flops_per_image=(f2 - f1) / (b2 - b1), act_mb_per_image=(a2 - a1) / (b2 - b1)

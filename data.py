@@ -504,8 +504,7 @@ def load_estimator(name):
         except Exception as e:  # no internet, no cache, ...: say what to do in one line
             raise UserError(f"could not load Depth Anything ({type(e).__name__}); it is "
                             f"downloaded on first use, so this needs internet once")
-        # The pipeline's predicted_depth is relative inverse depth (larger = closer).
-        return lambda img: (pipe(img)["predicted_depth"].squeeze().numpy(), "disparity")
+        return depth_anything(pipe)
     if name == "midas":
         try:
             model = torch.hub.load("intel-isl/MiDaS", "DPT_Hybrid", trust_repo=True).eval()
@@ -518,11 +517,28 @@ def load_estimator(name):
         def run(img):
             with torch.no_grad():
                 pred = model(tf(np.asarray(img)))                           # (1, h, w) disparity
-                pred = torch.nn.functional.interpolate(pred[None], size=img.size[::-1],
-                                                       mode="bicubic")[0, 0]
-            return pred.numpy(), "disparity"
+            return at_image_size(pred[0], img).numpy(), "disparity"
         return run
     raise UserError(f"unknown depth model {name!r}; choose midas or depth-anything")
+
+
+def depth_anything(pipe):
+    """The estimator around a transformers "depth-estimation" pipeline (Depth Anything): its
+    predicted_depth is relative inverse depth (larger = closer), at the photo's size in recent
+    versions of transformers and at the network's in older ones."""
+    def run(img):
+        with torch.no_grad():
+            pred = pipe(img)["predicted_depth"].squeeze().float()           # (h, w) disparity
+        return at_image_size(pred, img).numpy(), "disparity"
+    return run
+
+
+def at_image_size(pred, img):
+    """A prediction (h, w) resized (bicubic) to the PIL image's (H, W), if it is not already."""
+    if tuple(pred.shape) == (img.size[1], img.size[0]):
+        return pred
+    return torch.nn.functional.interpolate(pred[None, None], size=img.size[::-1],
+                                           mode="bicubic")[0, 0]
 
 
 def disparity_to_depth(disp, max_ratio=100.0):

@@ -810,6 +810,14 @@ def setup(args):
     if args.resume:
         step = training.resume_from(ckpt_path, CKPT_KIND, config, args.seed, args=args,
                                     model=model, ema=ema, opt=opt)
+    # What the run will cost here, said (or refused in one line) before the first step.
+    labels_at = lambda B: (torch.zeros(B, dtype=torch.long, device=device) if classes
+                           else None)
+    model.train()
+    training.preflight(lambda B: model.loss(torch.randn(B, *z_all.shape[1:], device=device),
+                                            labels_at(B), args.p_uncond),
+                       ([model], [ema]), args.batch, args.accum, args.steps - step, device,
+                       f"the {args.preset} diffusion model")
     if args.compile:                                # CUDA: Triton; CPU: inductor's C++
         model.net.compile()                         # in place: state_dict keys unchanged
     if is_main():

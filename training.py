@@ -13,7 +13,7 @@ Map of the file:
     5. logs           losses summed on the device, read once per --log-every steps; progress bar
     6. checkpoints    atomic writes with a checksum, safe and checked loading, exact
                       resume (weights, optimiser, RNG)
-    7. timing         seconds per call, for estimates and benchmarks
+    7. timing         seconds per call; what a run will cost, said (or refused) before it starts
 """
 import functools
 import hashlib
@@ -477,8 +477,74 @@ def save_on_main(path, make_state):
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Timing
+# 7. Timing, and what a run will cost before it starts
 # ---------------------------------------------------------------------------------------------
+def saved_bytes(fn):
+    """Bytes of the tensors autograd saves for the backward pass while fn() runs (the
+    activation memory of a training step), each storage counted once."""
+    seen, total = set(), [0]
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in seen:
+            seen.add(s.data_ptr())
+            total[0] += s.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+def free_memory(device):
+    """Bytes this process could still use: free GPU memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return int(next(ln for ln in f if ln.startswith("MemAvailable")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def preflight(loss_at, modules, batch, accum, steps, device, what):
+    """Before the first step: say what the run will cost on this device, and stop in one line
+    if its memory will not fit. loss_at(B) builds the training loss of B random images (a
+    closure); `modules` are what the optimiser trains (their weights, gradients and Adam's two
+    moments: 16 bytes per parameter) and anything else held (counted at 4).
+
+    Memory: the fixed part plus the activations autograd saves for one image (measured on
+    this device at batch 1) times the micro-batch. Time: one forward + backward of one image,
+    timed after an untimed one, times the micro-batch and --accum: an estimate that leaves
+    out the optimiser and the data (a few percent at every preset measured). The RNG state is
+    put back afterwards, so the run is the same as without this check."""
+    rng = rng_state()
+    trained, held = modules
+    fixed = sum(16 * p.numel() for m in trained for p in m.parameters()) + sum(
+        4 * p.numel() for m in held for p in m.parameters())
+    per_image = saved_bytes(lambda: loss_at(1))
+    need, free = fixed + batch * per_image, free_memory(device)
+    if need > 0.8 * free:                     # 20% for temporaries the estimate leaves out
+        fit = int((0.8 * free - fixed) // per_image)
+        # The same gradient: --batch x --accum images per step, as asked.
+        total = batch * accum
+        b = max((d for d in range(1, fit + 1) if total % d == 0), default=0)
+        fix = (f"--batch {b} --accum {total // b} fits and gives the same gradient" if b else
+               "not even one image fits: use --preset small or a larger device")
+        raise UserError(f"{what} needs about {need / 1e9:.1f} GB ({fixed / 1e9:.1f} GB weights "
+                        f"and optimiser + {per_image / 1e9:.2f} GB per image x batch {batch}); "
+                        f"{device.type} has {free / 1e9:.1f} GB free: {fix}")
+    one = lambda: loss_at(1).backward()
+    sec = seconds_per_call(one, warm=1, reps=1) * batch * accum
+    for m in trained:
+        m.zero_grad(set_to_none=True)
+    set_rng_state(rng)
+    if is_main():
+        threads = "" if device.type == "cuda" else f", {torch.get_num_threads()} threads"
+        total = sec * steps
+        total = f"{total / 60:.1f} min" if total < 3600 else f"{total / 3600:.1f} h"
+        print(f"cost: about {need / 1e9:.2f} GB on {device.type}{threads}; about {sec:.2f} s per "
+              f"step from a timed step of one image, so about {total} for {steps} steps")
+    return need, sec
 def seconds_per_call(fn, warm=1, reps=3):
     """Median wall time of fn() over `reps` calls, after `warm` untimed ones (the first calls
     pay for memory allocation and lazy initialisation)."""

@@ -3,6 +3,7 @@ import errno
 import io
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -269,9 +270,9 @@ def test_resume_after_a_full_disk_is_bit_exact(scenes, tmp_path, monkeypatch, ca
             return super().write(b)
     opened = []
 
-    def open_(path, mode="r"):
-        opened.append(path)
-        return SmallDisk(path, mode) if len(opened) == 2 else open(path, mode)
+    def open_(path, mode="r"):                           # the second file written
+        opened.extend([path] if "w" in mode else [])
+        return SmallDisk(path, mode) if "w" in mode and len(opened) == 2 else open(path, mode)
     monkeypatch.setattr(training, "open", open_, raising=False)
     with pytest.raises(SystemExit) as stop:
         data_mod.run_cli(lambda: ae.train(micro_args(scenes, tmp_path / "b", *common)))
@@ -538,3 +539,22 @@ def test_training_with_compile_and_bf16_on_a_cpu(scenes, tmp_path):
                               "2", "--log-every", "1", "--compile", "--amp", "bf16"))
     assert all(math.isfinite(v) for h in run["history"] for v in h.values())
     assert {"rgb", "depth", "g", "d"} <= set(run["history"][0])
+
+
+def test_a_run_says_its_cost_first_and_one_that_will_not_fit_stops_in_one_line(
+        scenes, tmp_path, monkeypatch, capsys):
+    ae.train(micro_args(scenes, tmp_path / "a", "--steps", "1", "--every", "1"))
+    assert re.search(r"cost: about [\d.]+ GB on cpu, \d+ threads; about [\d.]+ s per step .* "
+                     r"for 1 steps", capsys.readouterr().out)
+    monkeypatch.setattr(training, "free_memory", lambda device: 10 ** 5)
+    with pytest.raises(UserError, match=r"the tiny autoencoder at 16 px needs about .* GB "
+                                        r"free: not even one image fits"):
+        ae.train(micro_args(scenes, tmp_path / "b", "--steps", "1"))
+    assert not os.path.exists(tmp_path / "b" / "ckpt.pt")
+    # Room for one image of a batch of 4: the same gradient from 4 micro-batches of 1.
+    lin = torch.nn.Linear(256, 256)
+    loss_at = lambda B: lin(torch.randn(B, 256)).relu().sum()
+    fixed, per = 16 * (256 * 256 + 256), training.saved_bytes(lambda: loss_at(1))
+    monkeypatch.setattr(training, "free_memory", lambda device: (fixed + 1.5 * per) / 0.8)
+    with pytest.raises(UserError, match="--batch 1 --accum 4 fits and gives the same gradient"):
+        training.preflight(loss_at, ([lin], []), 4, 1, 10, torch.device("cpu"), "a test")

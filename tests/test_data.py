@@ -290,3 +290,48 @@ def test_exif_rotated_jpeg_and_its_depth_map_line_up_in_data_and_sample(tmp_path
     model = types.SimpleNamespace(config=dict(res=16))                      # what it reads
     image, dep = S.load_photo(str(tmp_path / "phone.jpg"), model, "cpu")
     assert torch.equal(image[0], img) and torch.equal(dep[0], item["depth"])
+
+
+def test_depth_anything_through_transformers_with_a_random_small_model(tmp_path):
+    """`data.py depth --model depth-anything`'s code on the real transformers classes, built
+    from a small config with random weights (nothing downloaded): one depth map per photo,
+    upright and at the photo's size (an EXIF-rotated JPEG included), disparity turned into
+    depth, where the autoencoder looks for it; then the autoencoder trains on the folder."""
+    transformers = pytest.importorskip("transformers", reason="needs `pip install transformers`")
+    import autoencoder as ae
+    from conftest import MICRO
+    backbone = transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+        patch_size=14, image_size=56, out_features=["stage1", "stage2", "stage3", "stage4"],
+        reshape_hidden_states=False)
+    config = transformers.DepthAnythingConfig(
+        backbone_config=backbone, neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
+        head_hidden_size=8, reassemble_hidden_size=32, patch_size=14)
+    torch.manual_seed(0)
+    model = transformers.DepthAnythingForDepthEstimation(config).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                     # (no torchvision: PIL back end)
+        processor = transformers.DPTImageProcessor(size={"height": 56, "width": 56},
+                                                   keep_aspect_ratio=True, ensure_multiple_of=14)
+        pipe = transformers.pipeline("depth-estimation", model=model, image_processor=processor)
+    estimator = data.depth_anything(pipe)
+    rng = np.random.default_rng(0)
+    for i in range(3):                                      # 70 x 40 photos
+        Image.fromarray(rng.integers(0, 255, (40, 70, 3), np.uint8)).save(tmp_path / f"p{i}.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6                                        # stored 70 x 40, upright 40 x 70
+    Image.fromarray(rng.integers(0, 255, (40, 70, 3), np.uint8)).save(
+        tmp_path / "phone.jpg", exif=exif)
+    assert data.prepare_depth(str(tmp_path), estimator) == 4
+    for name, shape in (("p0", (40, 70)), ("phone", (70, 40))):
+        d = np.load(tmp_path / "depth" / f"{name}.npy")
+        path = tmp_path / (name + (".jpg" if name == "phone" else ".png"))
+        with Image.open(path) as img:
+            upright = data.to_rgb(data.ImageOps.exif_transpose(img))
+        disp = estimator(upright)[0]
+        assert d.shape == shape == disp.shape and d.dtype == np.float32
+        assert np.allclose(d, data.disparity_to_depth(disp))        # larger = farther
+    ae.train(ae.get_args(MICRO + ["--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                                  "--steps", "2", "--every", "2", "--adv-weight", "0",
+                                  "--no-depth-metric"]))
+    assert os.path.isfile(tmp_path / "run" / "ckpt.pt")
