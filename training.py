@@ -513,10 +513,10 @@ def preflight(loss_at, modules, batch, accum, steps, device, what):
     moments: 16 bytes per parameter) and anything else held (counted at 4).
 
     Memory: the fixed part plus the activations autograd saves for one image (measured on
-    this device at batch 1) times the micro-batch. Time: one forward + backward of one image,
-    timed after an untimed one, times the micro-batch and --accum: an estimate that leaves
-    out the optimiser and the data (a few percent at every preset measured). The RNG state is
-    put back afterwards, so the run is the same as without this check."""
+    this device at batch 1) times the micro-batch. Time: one forward + backward of a whole
+    micro-batch (once the memory is known to fit), timed after an untimed one of one image,
+    times --accum: it leaves out the optimiser and the data (a few percent at every preset
+    measured). The RNG state is put back afterwards, so the run is the same as without it."""
     rng = rng_state()
     trained, held = modules
     fixed = sum(16 * p.numel() for m in trained for p in m.parameters()) + sum(
@@ -533,8 +533,8 @@ def preflight(loss_at, modules, batch, accum, steps, device, what):
         raise UserError(f"{what} needs about {need / 1e9:.1f} GB ({fixed / 1e9:.1f} GB weights "
                         f"and optimiser + {per_image / 1e9:.2f} GB per image x batch {batch}); "
                         f"{device.type} has {free / 1e9:.1f} GB free: {fix}")
-    one = lambda: loss_at(1).backward()
-    sec = seconds_per_call(one, warm=1, reps=1) * batch * accum
+    loss_at(1).backward()                               # untimed: lazy initialisation
+    sec = seconds_per_call(lambda: loss_at(batch).backward(), warm=0, reps=1) * accum
     for m in trained:
         m.zero_grad(set_to_none=True)
     set_rng_state(rng)
@@ -543,7 +543,7 @@ def preflight(loss_at, modules, batch, accum, steps, device, what):
         total = sec * steps
         total = f"{total / 60:.1f} min" if total < 3600 else f"{total / 3600:.1f} h"
         print(f"cost: about {need / 1e9:.2f} GB on {device.type}{threads}; about {sec:.2f} s per "
-              f"step from a timed step of one image, so about {total} for {steps} steps")
+              f"step from a timed step, so about {total} for {steps} steps")
     return need, sec
 def seconds_per_call(fn, warm=1, reps=3):
     """Median wall time of fn() over `reps` calls, after `warm` untimed ones (the first calls
