@@ -873,10 +873,16 @@ def setup(args):
         image = torch.rand(B, 3, args.res, args.res, device=device) * 2 - 1
         depth = 2 + torch.rand(B, 1, args.res, args.res, device=device) if ds.use_depth else None
         return autoencoder_loss(model, disc, image, depth, args, args.adv_weight > 0, None)[0]
+    def disc_step_at(B):            # the discriminator's loss and R1 on B random reals, fakes
+        image = torch.rand(2 * B, 3, args.res, args.res, device=device) * 2 - 1
+        depth = 2 + torch.rand(2 * B, 1, args.res, args.res, device=device)
+        real, fake = disc.inputs(image, depth, args.render_res).chunk(2)   # (B, 3|4, H, W)
+        d_loss_fn(disc, real, fake, args.r1_gamma)[0].backward()
     model.train()
     training.preflight(loss_at, ([model, disc], [m for m in (ema,) if m is not None]),
                        args.batch, args.accum, args.steps - step, device,
-                       f"the {args.preset} autoencoder at {args.res} px")
+                       f"the {args.preset} autoencoder at {args.res} px",
+                       disc_step_at if args.adv_weight > 0 else None)
     if args.compile:                                  # CUDA: Triton; CPU: inductor's C++
         model.encoder.compile()                       # in place: state_dict keys unchanged
         model.decoder.compile()

@@ -14,12 +14,14 @@ cached).
     python evaluate.py validate                       # train (once) and check the metric network
     python evaluate.py views runs/ae-tiny/ckpt.pt     # (b) novel views, (c) reconstructions, PSNR
     python evaluate.py samples runs/ae-tiny/ckpt.pt runs/ldm-tiny/ckpt.pt   # (a) samples
+    python evaluate.py samples AE LDM --data data/classes-64 --cfg 4   # + the kind asked for
     python evaluate.py samplers runs/ldm-tiny/ckpt.pt # each sampler's error against the ODE
 
 Map of the file:
     1. novel views      PSNR, the copy and depth-warp baselines, which pixels the input saw
                         (the warping itself is render.py's: forward_warp, seen_by_input)
-    2. metric network   a small CNN that predicts a scene's parameters; its features
+    2. metric network   a small CNN that predicts a scene's parameters; its features; the
+                        kind of object it sees (for class-conditional samples)
     3. distances        Frechet distance, KID (unbiased, jackknife standard error), precision
                         and recall (k-NN manifolds)
     4. validation       disjoint real sets ~ 0; blur, noise and colour shift ladders; empty rooms
@@ -328,7 +330,8 @@ def train_metric_net(root, res=64, steps=2000, batch=64, seed=0, n_empty=250, ve
 
 def scene_key(meta):
     """What identifies a set of training scenes (a cached network is stale when it changes)."""
-    return "n={n} seed={seed} res={res} room_yaw={room_yaw}".format(**{"room_yaw": 0.0, **meta})
+    return "n={n} seed={seed} res={res} room_yaw={room_yaw}".format(
+        **{"room_yaw": 0.0, **meta}) + (" classes" if meta.get("classes") else "")
 
 
 def load_metric_net(path):
@@ -366,6 +369,21 @@ def features(net, images, batch=256):
         feats.append(torch.cat([h, low_level(x)], 1).double())
         counts.append(net.count_head(h).argmax(1))
     return torch.cat(feats), torch.cat(counts)
+
+
+KIND_COLUMNS = [scenes.PARAM_NAMES.index(k) for k in scenes.KIND_PARAMS]  # kind counts
+
+
+@torch.no_grad()
+def kinds(net, images, batch=256):
+    """Images (N, 3, H, W) -> the kind of object (N,) the metric network sees most of: the
+    index into scenes.KINDS of the largest predicted count of spheres, boxes and cylinders.
+    For --classes scenes (one kind each) this is the scene's class."""
+    out = []
+    for i in range(0, len(images), batch):
+        pred = net.params_head(net.hidden(images[i:i + batch].float()))   # normalised params
+        out.append((pred * net.std + net.mean)[:, KIND_COLUMNS].argmax(1))
+    return torch.cat(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,16 +566,19 @@ def score_views(net, root, model, max_scenes=None, save=None):
 
 @torch.no_grad()
 def score_samples(net, root, ae_model, ldm, n=256, seed=0, steps=50, yaw=20.0, eta=0.0,
-                  sampler="ddim"):
+                  sampler="ddim", cfg=1.0):
     """(a) n samples, rendered at P0 and at yaw +-yaw, against the held-out scenes' real views
     at the same poses; the fraction of samples with no object (the metric network's object
     count, at P0); and the samples' latent spread: the standard deviation of their latents in
     the diffusion model's normalised units, where the data's latents have 1 (a sampler that
-    overshoots shows here before anything is decoded)."""
+    overshoots shows here before anything is decoded). A class-conditional model samples its
+    classes in turn, guided with scale cfg; when its classes are scenes.py's kinds (--classes
+    scenes), class_accuracy is how often the metric network sees the kind asked for, and
+    class_accuracy_real how often it sees the true kind in the held-out scenes (its ceiling)."""
     c = ae_model.config
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % ldm.num_classes if ldm.num_classes else None
-    z = diffusion.ddim_sample(ldm, (n, *ldm.config["latent_shape"]), steps, eta, labels, 1.0,
+    z = diffusion.ddim_sample(ldm, (n, *ldm.config["latent_shape"]), steps, eta, labels, cfg,
                               generator=g, progress=True, sampler=sampler)
     planes = ae_model.decode(z)
 
@@ -571,9 +592,17 @@ def score_samples(net, root, ae_model, ldm, n=256, seed=0, steps=50, yaw=20.0, e
     real_side = features(net, torch.cat([
         load_view(scenes.view_stem(held, os.path.splitext(f)[0], y, 0.0), c["res"])[0]
         for f in files for y in (-yaw, yaw)]))[0]
-    fake_p0, counts = features(net, views(0.0))
+    p0 = views(0.0)
+    fake_p0, counts = features(net, p0)
     fake_side = features(net, torch.cat([views(-yaw), views(yaw)]))[0]
     out = {f"{k}_p0": v for k, v in distances(real_p0, fake_p0).items()}
+    if labels is not None and set(ldm.config["classes"]) <= set(scenes.KINDS):
+        asked = torch.tensor([scenes.KINDS.index(ldm.config["classes"][k]) for k in labels])
+        out["class_accuracy"] = (kinds(net, p0) == asked).double().mean().item()
+        truth = torch.from_numpy(np.load(os.path.join(held, "params.npy"))[:, KIND_COLUMNS]
+                                 ).argmax(1)
+        out["class_accuracy_real"] = (kinds(net, read_images(held, c["res"], files)) ==
+                                      truth).double().mean().item()
     out.update({f"{k}_yaw{yaw:g}": v for k, v in distances(real_side, fake_side).items()})
     out["no_object_fraction"] = (counts == 0).double().mean().item()
     out["no_object_fraction_real"] = (real_counts == 0).double().mean().item()
@@ -629,6 +658,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=50, help="sampler steps (samples)")
     p.add_argument("--sampler", default="ddim", choices=diffusion.SAMPLERS,
                    help="samples: ddim (the reference) or dpm++, as sample.py")
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale "
+                   "(samples, class-conditional models)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (samples): 0 deterministic, "
                    "1 DDPM-like, as sample.py")
     p.add_argument("--threads", type=int, default=0)
@@ -638,9 +669,9 @@ def main(argv=None):
     if len(args.ckpt) != need:
         raise UserError(f"evaluate.py {args.what} takes {need} checkpoint path(s), got "
                         f"{len(args.ckpt)}")
-    if args.steps < 1 or not 0 <= args.eta <= 1:
-        raise UserError(f"--steps must be >= 1 and --eta in [0, 1], got {args.steps} and "
-                        f"{args.eta}")
+    if args.steps < 1 or not 0 <= args.eta <= 1 or args.cfg < 0:
+        raise UserError(f"--steps must be >= 1, --eta in [0, 1] and --cfg >= 0, got "
+                        f"{args.steps}, {args.eta} and {args.cfg}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.what == "samplers":                  # the ODE error alone: no metric network
@@ -672,7 +703,7 @@ def main(argv=None):
             print(f"  {k:28s} {v:.4g}")
     else:
         result = score_samples(net, root, ae_model, ldm, args.n, args.seed, args.steps,
-                               eta=args.eta, sampler=args.sampler)
+                               eta=args.eta, sampler=args.sampler, cfg=args.cfg)
         for k, v in result.items():
             print(f"  {k:28s} {v:.4g}")
     if args.json:

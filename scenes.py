@@ -10,10 +10,13 @@ scored (evaluate.py views), and everything runs on a fresh machine with no downl
     python scenes.py data/scenes --n 2000 --res 64                 # training scenes
     python scenes.py data/scenes --n 2000 --heldout 64             # + held-out novel views
     python scenes.py data/frontal --n 2000 --room-yaw 0            # every photo faces the wall
+    python scenes.py data/classes --n 2000 --heldout 64 --classes  # one kind per scene, by folder
 
 The output is a normal image folder for data.py (OUT/NNNNNN.png, exact depth in OUT/depth/),
 plus OUT/scenes.json with the camera, OUT/params.npy with each scene's parameters (the targets
 of evaluate.py's metric network), and with --heldout, OUT/_heldout/ and its novel views.
+With --classes every object of a scene is of one kind, and the training scenes are filed by it
+(OUT/sphere/, OUT/box/, OUT/cylinder/): a labelled data set for class-conditional diffusion.
 The caster shares no code with render.py on purpose: test data must not share a bug with the
 renderer it tests.
 
@@ -72,9 +75,14 @@ def scene_camera(yaw_deg, pitch_deg, radius=SCENE_RADIUS):
     return c2w
 
 
-def random_scene(rng, room_yaw=ROOM_YAW):
+KINDS = ("sphere", "box", "cylinder")  # the primitives; with --classes, a scene's class
+
+
+def random_scene(rng, room_yaw=ROOM_YAW, one_kind=False):
     """A random scene description (plain dict of numbers), drawn from a numpy Generator.
-    The camera's room yaw is drawn last, so a scene's content does not depend on room_yaw."""
+    The camera's room yaw is drawn last, so a scene's content does not depend on room_yaw.
+    one_kind=True draws one kind for the whole scene first (then scene["kind"] says which)."""
+    scene_kind = str(rng.choice(KINDS)) if one_kind else None
     def colour():
         h = rng.uniform(0, 1)
         s, v = rng.uniform(0.45, 0.9), rng.uniform(0.55, 0.95)
@@ -83,7 +91,7 @@ def random_scene(rng, room_yaw=ROOM_YAW):
     floor_y = rng.uniform(0.45, 0.75)
     objects, placed = [], []
     for _ in range(rng.integers(2, 5)):
-        kind = rng.choice(["sphere", "box", "cylinder"])
+        kind = scene_kind or str(rng.choice(KINDS))
         size = rng.uniform(0.18, 0.38)
         for _try in range(20):                         # avoid overlapping footprints
             xz = rng.uniform(-0.75, 0.75, size=2)
@@ -100,12 +108,14 @@ def random_scene(rng, room_yaw=ROOM_YAW):
                 floor_colours=[colour(), colour()], wall_colours=[colour(), colour()],
                 checker=rng.uniform(2.0, 4.0), stripes=rng.uniform(2.0, 5.0),
                 light=light / np.linalg.norm(light), ambient=rng.uniform(0.25, 0.45),
-                elevation=rng.uniform(*ELEVATION), room_yaw=rng.uniform(-room_yaw, room_yaw))
+                elevation=rng.uniform(*ELEVATION), room_yaw=rng.uniform(-room_yaw, room_yaw),
+                kind=scene_kind)
 
 
 # What a scene "is", as numbers: the targets evaluate.py's metric network learns to predict from
 # the image, so that its features know about objects, colours, layout, light and camera.
-PARAM_NAMES = (["objects", "spheres", "boxes", "cylinders"]
+KIND_PARAMS = ("spheres", "boxes", "cylinders")    # how many of each of KINDS a scene holds
+PARAM_NAMES = (["objects", *KIND_PARAMS]
                + [f"object_{k}" for k in ("r", "g", "b", "x", "z", "size")]
                + [f"{w}_{k}" for w in ("floor0", "floor1", "wall0", "wall1") for k in "rgb"]
                + ["floor_y", "wall_z", "checker", "stripes", "ambient", "light_x", "light_y",
@@ -120,7 +130,7 @@ def scene_params(scene):
     turn = _rot_y(scene.get("room_yaw", 0.0))             # camera frame -> scene frame
     xz = [(o["center"] @ turn)[[0, 2]] for o in obs]      # p @ R = R^T p: scene -> camera
     mean = lambda xs, k: np.mean(np.reshape(xs, (-1, k)), 0) if xs else np.zeros(k)
-    v = [len(obs)] + [sum(o["kind"] == k for o in obs) for k in ("sphere", "box", "cylinder")]
+    v = [len(obs)] + [sum(o["kind"] == k for o in obs) for k in KINDS]
     v += [*mean([o["colour"] for o in obs], 3), *mean(xz, 2), *mean([o["size"] for o in obs], 1)]
     for c in (*scene["floor_colours"], *scene["wall_colours"]):
         v += list(c)
@@ -322,31 +332,40 @@ def save_npy(path, arr, safe=SAFE):
 
 def make_scenes(out, n, res=64, seed=0, heldout=0, views=DEFAULT_VIEWS, aa=2,
                 radius=SCENE_RADIUS, fov_deg=SCENE_FOV, room_yaw=ROOM_YAW, empty=False,
-                verbose=True):
+                classes=False, verbose=True):
     """Write n training scenes (OUT/NNNNNN.png + OUT/depth/NNNNNN.npy, a normal --data folder)
     and `heldout` more under OUT/_heldout/ (same layout) with their novel views in
     OUT/_heldout/_views/NNNNNN/yaw+20_pitch+0.{png,npy}. OUT/scenes.json records the camera
     (radius, fov_deg, room_yaw) so that models and evaluation use the one the data were rendered
     with; OUT/params.npy (and OUT/_heldout/params.npy) each scene's scene_params, in file order.
-    empty=True removes every object (the same rooms, bare: a reference set for evaluate.py)."""
+    empty=True removes every object (the same rooms, bare: a reference set for evaluate.py).
+    classes=True gives each scene objects of one kind and files the training scenes by it,
+    OUT/KIND/NNNNNN.png and OUT/depth/KIND/NNNNNN.npy (data.py's labels come from the
+    sub-folders); the held-out scenes stay in one folder. params.npy follows the sorted paths."""
+    if classes and empty:
+        raise UserError("scenes: --classes and --empty exclude each other (a room without "
+                        "objects has no kind)")
     if n < 1 or res < 8 or aa < 1 or heldout < 0 or not 0 <= room_yaw <= 90:
         raise UserError(f"scenes: need --n >= 1, --res >= 8, --aa >= 1, --heldout >= 0 and "
                         f"--room-yaw in [0, 90] (got {n}, {res}, {aa}, {heldout}, {room_yaw})")
     poses = parse_views(views) if heldout else []
-    for sub in ("depth", "_heldout/depth") if heldout else ("depth",):
+    subs = ["depth"] + (["_heldout/depth"] if heldout else [])
+    subs += [os.path.join(d, k) for d in ("", "depth") for k in KINDS] if classes else []
+    for sub in subs:
         os.makedirs(os.path.join(out, sub), exist_ok=True)
     P0 = scene_camera(0, 0, radius)
-    params = []
+    params, rel = [], []                                 # rel: training scenes' paths
     t0 = time.time()
     for i in tqdm(range(n + heldout), desc=f"rendering scenes -> {out}", unit="scene",
                   disable=not verbose):
         rng = np.random.default_rng([seed, i])           # scene i is the same whatever n is
-        scene = random_scene(rng, room_yaw)
+        scene = random_scene(rng, room_yaw, one_kind=classes)
         if empty:
             scene["objects"] = []
         params.append(scene_params(scene))
         folder = out if i < n else os.path.join(out, "_heldout")
-        name = f"{i:06d}"
+        name = os.path.join(scene["kind"], f"{i:06d}") if classes and i < n else f"{i:06d}"
+        rel += [name] if i < n else []
         rgb, depth = render_scene(scene, P0, fov_deg, res, aa)
         safe = f"{out} holds the first {i} scenes; free space and run again (the same scenes)"
         save_png(os.path.join(folder, name + ".png"), rgb, safe)
@@ -359,11 +378,12 @@ def make_scenes(out, n, res=64, seed=0, heldout=0, views=DEFAULT_VIEWS, aa=2,
                 stem = view_stem(os.path.join(out, "_heldout"), name, yaw, pitch)
                 save_png(stem + ".png", rgb, safe)
                 save_npy(stem + ".npy", depth, safe)
-    save_npy(os.path.join(out, "params.npy"), np.stack(params[:n]))
+    order = sorted(range(n), key=lambda i: rel[i] + ".png")      # data.scan_images' order
+    save_npy(os.path.join(out, "params.npy"), np.stack([params[i] for i in order]))
     if heldout:
         save_npy(os.path.join(out, "_heldout", "params.npy"), np.stack(params[n:]))
     meta = dict(n=n, heldout=heldout, res=res, seed=seed, radius=radius, fov_deg=fov_deg,
-                room_yaw=room_yaw, elevation=list(ELEVATION), empty=empty,
+                room_yaw=room_yaw, elevation=list(ELEVATION), empty=empty, classes=classes,
                 views=[dict(yaw_deg=y, pitch_deg=p) for y, p in poses])
     with writing(os.path.join(out, "scenes.json"), "the scenes' camera") as tmp, \
             open(tmp, "w") as f:
@@ -396,9 +416,12 @@ def main(argv=None):
     p.add_argument("--room-yaw", type=float, default=ROOM_YAW, help="each input camera turns "
                    "about the pivot by a yaw uniform in +-this, degrees (0: all face the wall)")
     p.add_argument("--empty", action="store_true", help="the same rooms without objects")
+    p.add_argument("--classes", action="store_true", help="objects of one kind per scene, the "
+                   "training scenes filed by it in OUT/sphere, OUT/box, OUT/cylinder (labels)")
     args = p.parse_args(argv)
     meta, secs = make_scenes(args.out, args.n, args.res, args.seed, args.heldout, args.views,
-                             args.aa, room_yaw=args.room_yaw, empty=args.empty)
+                             args.aa, room_yaw=args.room_yaw, empty=args.empty,
+                             classes=args.classes)
     total = args.n + args.heldout * (1 + len(meta["views"]))
     print(f"wrote {args.n} scenes (+{args.heldout} held out) to {args.out} in {secs:.1f} s "
           f"({total / secs:.0f} renders/s at {args.res} px)")

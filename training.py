@@ -506,17 +506,18 @@ def free_memory(device):
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def preflight(loss_at, modules, batch, accum, steps, device, what):
+def preflight(loss_at, modules, batch, accum, steps, device, what, also_at=None):
     """Before the first step: say what the run will cost on this device, and stop in one line
     if its memory will not fit. loss_at(B) builds the training loss of B random images (a
     closure); `modules` are what the optimiser trains (their weights, gradients and Adam's two
-    moments: 16 bytes per parameter) and anything else held (counted at 4).
+    moments: 16 bytes per parameter) and anything else held (counted at 4). also_at(B), if
+    given, is the rest of a step's work on B images (a second network's loss and backward).
 
     Memory: the fixed part plus the activations autograd saves for one image (measured on
     this device at batch 1) times the micro-batch. Time: one forward + backward of a whole
-    micro-batch (once the memory is known to fit), timed after an untimed one of one image,
-    times --accum: it leaves out the optimiser and the data (a few percent at every preset
-    measured). The RNG state is put back afterwards, so the run is the same as without it."""
+    micro-batch, and also_at's (once the memory is known to fit), timed after an untimed one
+    of one image, times --accum: it leaves out the optimiser and the data (a few percent at
+    every preset measured). The RNG state is put back afterwards, so the run is the same."""
     rng = rng_state()
     trained, held = modules
     fixed = sum(16 * p.numel() for m in trained for p in m.parameters()) + sum(
@@ -533,8 +534,13 @@ def preflight(loss_at, modules, batch, accum, steps, device, what):
         raise UserError(f"{what} needs about {need / 1e9:.1f} GB ({fixed / 1e9:.1f} GB weights "
                         f"and optimiser + {per_image / 1e9:.2f} GB per image x batch {batch}); "
                         f"{device.type} has {free / 1e9:.1f} GB free: {fix}")
-    loss_at(1).backward()                               # untimed: lazy initialisation
-    sec = seconds_per_call(lambda: loss_at(batch).backward(), warm=0, reps=1) * accum
+    also_at = also_at or (lambda B: None)
+
+    def step_at(B):
+        loss_at(B).backward()
+        also_at(B)
+    step_at(1)                                          # untimed: lazy initialisation
+    sec = seconds_per_call(lambda: step_at(batch), warm=0, reps=1) * accum
     for m in trained:
         m.zero_grad(set_to_none=True)
     set_rng_state(rng)

@@ -558,3 +558,19 @@ def test_a_run_says_its_cost_first_and_one_that_will_not_fit_stops_in_one_line(
     monkeypatch.setattr(training, "free_memory", lambda device: (fixed + 1.5 * per) / 0.8)
     with pytest.raises(UserError, match="--batch 1 --accum 4 fits and gives the same gradient"):
         training.preflight(loss_at, ([lin], []), 4, 1, 10, torch.device("cpu"), "a test")
+
+
+def test_the_timed_step_includes_the_discriminators_when_the_adversarial_loss_is_on(
+        scenes, tmp_path, monkeypatch):
+    """With the GAN on, a step also trains the discriminator (with R1's second backward);
+    the cost said before the first step must time that too, on the whole micro-batch."""
+    calls = []
+    d_loss_fn = ae.d_loss_fn
+    monkeypatch.setattr(ae, "d_loss_fn", lambda disc, real, fake, gamma: calls.append(
+        len(real)) or d_loss_fn(disc, real, fake, gamma))
+    monkeypatch.setattr(training, "seconds_per_call", lambda fn, warm, reps: fn() or 1.0)
+    ae.setup(micro_args(scenes, tmp_path / "a", "--batch", "3"))          # MICRO: GAN on
+    assert calls == [1, 3]                     # untimed with one image, timed with the batch
+    calls.clear()
+    ae.setup(micro_args(scenes, tmp_path / "b", "--adv-weight", "0"))
+    assert calls == []

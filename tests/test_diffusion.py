@@ -191,6 +191,41 @@ def test_guidance_scale_one_is_the_conditional_prediction():
                           a.sqrt(), atol=1e-4)
 
 
+def test_class_labels_and_the_null_label_reach_the_unet(ae_ckpt, tmp_path, monkeypatch):
+    """Folder a/ -> label 0, b/ -> 1, the null label 2: in the latent cache, in training (with
+    and without label dropout) and in guided sampling, checked where the UNet receives them."""
+    seen = []
+    forward = D.UNet.forward
+    monkeypatch.setattr(D.UNet, "forward", lambda self, x, t, y: seen.append(
+        (self.training, y.clone())) or forward(self, x, t, y))
+    out = D.train(ldm_args(ae_ckpt, tmp_path / "c", "--steps", "3", "--every", "99",
+                           "--p-uncond", "0", "--batch", "6"))
+    cache = np.load(tmp_path / "c" / "latents" / "labels.npy")   # 6 images, then their mirrors
+    assert cache.tolist() == [0, 0, 0, 1, 1, 1] * 2              # sorted: a/ x 3, then b/ x 3
+    model = out["model"]
+    assert model.config["classes"] == ["a", "b"] and model.num_classes == 2
+    # Training without dropout: each step's labels are its batch's labels from the cache.
+    trained = [y for is_training, y in seen if is_training][-3:]   # (before: the preflight's)
+    for step, y in enumerate(trained):
+        idx = [i for i, _ in training.batch_indices(step, 12, 6, 0, 0, 1)]
+        assert y.tolist() == cache[idx].tolist()
+    # With label dropout 0.5 about half become the null label (index num_classes = 2).
+    seen.clear()
+    torch.manual_seed(0)
+    model.loss(torch.randn(400, 4, 4, 4), torch.arange(400) % 2, p_uncond=0.5)
+    y = seen[0][1]
+    assert set(y.tolist()) == {0, 1, 2} and 160 < (y == 2).sum() < 240
+    assert torch.equal(y[y != 2], (torch.arange(400) % 2)[y != 2])
+    # Sampling: no labels -> only the null label; cfg 1 -> the labels once; cfg 2 -> labels and
+    # null labels in one batch (conditional and unconditional halves).
+    model.eval()
+    for labels, cfg, want in [(None, 1.0, [2, 2]), (torch.tensor([1, 0]), 1.0, [1, 0]),
+                              (torch.tensor([1, 0]), 2.0, [1, 0, 2, 2])]:
+        seen.clear()
+        D.ddim_sample(model, (2, 4, 4, 4), steps=2, labels=labels, cfg=cfg)
+        assert len(seen) == 2 and all(y.tolist() == want for _, y in seen), (cfg, seen)
+
+
 # --- learning ------------------------------------------------------------------------------------
 def test_overfitting_one_batch():
     torch.manual_seed(0)

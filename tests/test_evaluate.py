@@ -252,11 +252,36 @@ def test_score_samples_counts_samples_without_objects(ae_ckpt, ldm_ckpt, tmp_pat
         assert np.isfinite(r["fd_p0"]) and 0 <= r["recall_yaw20"] <= 1
 
 
-@pytest.mark.parametrize("flags", [["--steps", "0"], ["--eta", "1.5"]])
+def test_class_accuracy_is_the_share_of_samples_of_the_kind_asked_for(ae_ckpt, ldm_ckpt,
+                                                                       tmp_path):
+    """A class-conditional model whose classes are scenes.py's kinds: a metric network that
+    sees a box in everything is right on the samples asked to be boxes (every other one here)
+    and on the held-out scenes that are boxes."""
+    root = str(tmp_path / "scenes")
+    scenes_mod.make_scenes(root, 3, res=16, heldout=6, views="-20:0,20:0", aa=1, classes=True,
+                           verbose=False)
+    ae_model, ldm = D.load_models(ae_ckpt, ldm_ckpt, torch.device("cpu"))
+    ldm.config["classes"] = ["box", "sphere"]              # labels 0, 1 -> box, sphere
+    net = E.MetricNet(len(scenes_mod.PARAM_NAMES), res=16).eval()
+    net.mean, net.std = torch.zeros(len(scenes_mod.PARAM_NAMES)), torch.ones(
+        len(scenes_mod.PARAM_NAMES))
+    with torch.no_grad():
+        net.params_head.weight.zero_()
+        net.params_head.bias.copy_(torch.tensor([n == "boxes" for n in scenes_mod.PARAM_NAMES]))
+    r = E.score_samples(net, root, ae_model, ldm, n=4, steps=2, cfg=2.0)
+    assert r["class_accuracy"] == 0.5                      # samples 0, 2 asked for boxes
+    held = np.load(os.path.join(root, "_heldout", "params.npy"))
+    boxes = held[:, scenes_mod.PARAM_NAMES.index("boxes")] == held[:, 0]   # all objects boxes
+    assert 0 < boxes.mean() < 1 and r["class_accuracy_real"] == pytest.approx(boxes.mean())
+    ldm.config["classes"] = ["a", "b"]                     # not kinds: nothing to score
+    assert "class_accuracy" not in E.score_samples(net, root, ae_model, ldm, n=2, steps=1)
+
+
+@pytest.mark.parametrize("flags", [["--steps", "0"], ["--eta", "1.5"], ["--cfg", "-1"]])
 def test_sampler_flags_out_of_range_give_one_clear_line(flags):
-    """evaluate.py samples --steps / --eta: a bad value is named before anything loads (the
-    checkpoint paths do not even exist here)."""
-    with pytest.raises(UserError, match="--steps must be >= 1 and --eta in"):
+    """evaluate.py samples --steps / --eta / --cfg: a bad value is named before anything loads
+    (the checkpoint paths do not even exist here)."""
+    with pytest.raises(UserError, match="--steps must be >= 1, --eta in"):
         E.main(["samples", "missing_ae.pt", "missing_ldm.pt", *flags])
 
 

@@ -1,5 +1,7 @@
 """scenes.py: the synthetic ground truth -- cameras agree with render.py, depth is exact on the
 wall and floor, scenes are deterministic and form a valid image folder."""
+import os
+
 import numpy as np
 from PIL import Image
 
@@ -56,3 +58,20 @@ def test_a_pack_of_scenes_keeps_their_camera(tmp_path):
     meta, packed = scenes.read_scene_meta(str(tmp_path / "s")), scenes.read_scene_meta(out)
     assert packed["fov_deg"] == meta["fov_deg"] and packed["radius"] == meta["radius"]
     assert len(data.open_folder(out, 16)) == 3 and not packed["heldout"]
+
+
+def test_class_scenes_are_filed_by_their_one_kind_with_params_in_file_order(tmp_path):
+    root = str(tmp_path / "c")
+    scenes.make_scenes(root, 12, res=16, heldout=2, views="20:0", aa=1, classes=True,
+                       verbose=False)
+    ds = ImageFolder(root, 16, verbose=False)        # labels from the sub-folders, depth found
+    assert ds.classes == sorted(scenes.KINDS) and len(ds) == 12 and ds.use_depth
+    params = np.load(os.path.join(root, "params.npy"))                   # (12, P), file order
+    counts = params[:, [scenes.PARAM_NAMES.index(k) for k in scenes.KIND_PARAMS]]
+    for f, c in zip(ds.files, counts):
+        kind = f.split(os.sep)[0]                    # every object is of the folder's kind
+        assert c[scenes.KINDS.index(kind)] == c.sum() >= 2, (f, c)
+    # The same scene, with --classes, has objects of one kind; the held-out ones stay flat.
+    assert len(ImageFolder(os.path.join(root, "_heldout"), 16, verbose=False)) == 2
+    one = scenes.random_scene(np.random.default_rng(5), one_kind=True)
+    assert {o["kind"] for o in one["objects"]} == {one["kind"]}
