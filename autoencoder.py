@@ -599,7 +599,8 @@ KL_WEIGHT = 1e-5          # KL on z (summed over the latent): a light VAE regula
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train WildFusion's 3D-aware autoencoder (stage 1).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=training.Help,
+                                epilog=training.PRESET_EPILOG)
     a = p.add_argument
     a("--preset", default="base", choices=list(PRESETS), help="a complete set of defaults")
     a("--data", help="image folder (default: synthetic scenes rendered into data/scenes-RES)")

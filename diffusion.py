@@ -645,7 +645,8 @@ SAMPLE_STEPS = 50          # DDIM steps of the sample grids written while traini
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train WildFusion's latent diffusion model (stage 2).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=training.Help,
+                                epilog=training.PRESET_EPILOG)
     a = p.add_argument
     a("--ae", help="the trained autoencoder checkpoint (stage 1)")
     a("--data", help="image folder (default: the folder the autoencoder was trained on)")

@@ -923,7 +923,7 @@ def demo(args):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Sample 3D scenes from a trained WildFusion and run "
                                 "its applications.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=training.Help)
     a = p.add_argument
     a("--demo", action="store_true", help="train --preset's models on synthetic scenes, then "
       "sample")

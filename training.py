@@ -15,6 +15,7 @@ Map of the file:
                       resume (weights, optimiser, RNG)
     7. timing         seconds per call; what a run will cost, said (or refused) before it starts
 """
+import argparse
 import functools
 import hashlib
 import os
@@ -32,14 +33,26 @@ from data import UserError
 # ---------------------------------------------------------------------------------------------
 # 1. Flags
 # ---------------------------------------------------------------------------------------------
+PRESET_EPILOG = ("Flags shown without a default take the preset's value, unless their help "
+                 "says otherwise.")
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except a default of None: the help text says what
+    takes its place (the preset's value, a folder named after the run, ...)."""
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def add_runtime_args(p, what):
     """Flags every training script shares: seed, device, precision, compilation, threads,
     data loading, logging, resuming."""
     a = p.add_argument
     a("--resume", action="store_true", help="continue from OUT/ckpt.pt (from step 0 while "
       "there is none: safe on every launch of a preemptible job)")
-    a("--seed", type=int, default=0)
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--seed", type=int, default=0, help="initial weights, data order, noise")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, "
+      "cuda:1, ...")
     a("--amp", default="none", choices=["none", "bf16"],
       help="bf16 autocast on the device (CUDA or CPU)")
     a("--compile", action="store_true", help=f"torch.compile {what} (CUDA or CPU; the first "

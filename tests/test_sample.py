@@ -2,6 +2,7 @@
 (grids, GIFs, the viewer's sprites, in a real browser too); NFS on analytic depth maps; the
 interpolation's ends; FID's default real folder; bad inputs."""
 import base64
+import importlib
 import io
 import os
 import re
@@ -305,3 +306,15 @@ def test_demo_end_to_end_with_shortened_presets(tmp_path, monkeypatch):
     again = S.main(["--demo", "--frames", "4", "--n", "2", "--steps", "3"])   # resumes: no
     assert "scenes" not in again["took"]                                  # scenes to render
     assert again["estimate"]["autoencoder"] == 0 == again["estimate"]["diffusion"]
+
+
+@pytest.mark.parametrize("script", ["autoencoder", "diffusion", "sample"])
+def test_help_shows_real_defaults_and_never_none(script, capsys):
+    """A default of None is filled in later (from the preset, or as the help says); --help
+    must not print it as "(default: None)", and still shows the defaults that are real."""
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit):
+        module.get_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: " in text
+    assert script == "sample" or "take the preset's value" in text
