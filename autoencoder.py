@@ -871,14 +871,17 @@ def setup(args):
                                     upgrade=upgrade_config, args=args, model=model, disc=disc,
                                     opt=opt, opt_d=opt_d, **averaged)
     # What the run will cost here, said (or refused in one line) before the first step.
-    def loss_at(B):                 # the generator's loss on B random images (and depth maps)
+    def random_batch(B):            # B random images (and depth maps, as the data has them)
         image = torch.rand(B, 3, args.res, args.res, device=device) * 2 - 1
         depth = 2 + torch.rand(B, 1, args.res, args.res, device=device) if ds.use_depth else None
-        return autoencoder_loss(model, disc, image, depth, args, args.adv_weight > 0, None)[0]
-    def disc_step_at(B):            # the discriminator's loss and R1 on B random reals, fakes
-        image = torch.rand(2 * B, 3, args.res, args.res, device=device) * 2 - 1
-        depth = 2 + torch.rand(2 * B, 1, args.res, args.res, device=device)
-        real, fake = disc.inputs(image, depth, args.render_res).chunk(2)   # (B, 3|4, H, W)
+        return image, depth
+
+    def loss_at(B):                 # the generator's loss
+        return autoencoder_loss(model, disc, *random_batch(B), args, args.adv_weight > 0,
+                                None)[0]
+
+    def disc_step_at(B):            # the discriminator's loss and R1 on B reals and B fakes
+        real, fake = disc.inputs(*random_batch(2 * B), args.render_res).chunk(2)  # (B, 3|4, ..)
         d_loss_fn(disc, real, fake, args.r1_gamma)[0].backward()
     model.train()
     training.preflight(loss_at, ([model, disc], [m for m in (ema,) if m is not None]),

@@ -588,7 +588,8 @@ def score_samples(net, root, ae_model, ldm, n=256, seed=0, steps=50, yaw=20.0, e
     # The real views: the held-out inputs, and their true views at -yaw and +yaw.
     held = os.path.join(root, "_heldout")
     files = data_mod.scan_images(held)
-    real_p0, real_counts = features(net, read_images(held, c["res"], files))
+    real_images = read_images(held, c["res"], files)                       # (M, 3, res, res)
+    real_p0, real_counts = features(net, real_images)
     real_side = features(net, torch.cat([
         load_view(scenes.view_stem(held, os.path.splitext(f)[0], y, 0.0), c["res"])[0]
         for f in files for y in (-yaw, yaw)]))[0]
@@ -601,8 +602,7 @@ def score_samples(net, root, ae_model, ldm, n=256, seed=0, steps=50, yaw=20.0, e
         out["class_accuracy"] = (kinds(net, p0) == asked).double().mean().item()
         truth = torch.from_numpy(np.load(os.path.join(held, "params.npy"))[:, KIND_COLUMNS]
                                  ).argmax(1)
-        out["class_accuracy_real"] = (kinds(net, read_images(held, c["res"], files)) ==
-                                      truth).double().mean().item()
+        out["class_accuracy_real"] = (kinds(net, real_images) == truth).double().mean().item()
     out.update({f"{k}_yaw{yaw:g}": v for k, v in distances(real_side, fake_side).items()})
     out["no_object_fraction"] = (counts == 0).double().mean().item()
     out["no_object_fraction_real"] = (real_counts == 0).double().mean().item()

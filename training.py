@@ -564,6 +564,8 @@ def preflight(loss_at, modules, batch, accum, steps, device, what, also_at=None)
         print(f"cost: about {need / 1e9:.2f} GB on {device.type}{threads}; about {sec:.2f} s per "
               f"step from a timed step, so about {total} for {steps} steps")
     return need, sec
+
+
 def seconds_per_call(fn, warm=1, reps=3):
     """Median wall time of fn() over `reps` calls, after `warm` untimed ones (the first calls
     pay for memory allocation and lazy initialisation)."""
