@@ -574,23 +574,21 @@ PRESETS = {
                  dec_heads=8, plane_ch=32, plane_res=128, hidden=64, feat_ch=32, up_ch=64,
                  n_coarse=48, n_fine=48, batch=16, lr=2e-4, steps=200_000, disc_ch=64,
                  n_scenes=20000, every=1000, adv_weight=0.02, disc_augment=True,
-                 yaw_range=10.0, ema=0.9999, lr_schedule="constant"),
+                 yaw_range=10.0, ema=0.9999),
     # A laptop CPU, 32 px, z 4x8x8. 3000 steps: at 1500 two seeds ended 0.75 dB apart, at 3000
     # 0.03 dB. No adversarial loss: here it cost novel-view PSNR and a third more time.
     # 8 + 8 samples per ray: the same PSNR as 16 + 16 (2 seeds), in 0.58x the step time.
     "tiny": dict(res=32, render_res=32, z_res=8, z_ch=4, enc_ch=32, dec_dim=96, dec_depth=2,
                  dec_heads=4, plane_ch=16, plane_res=32, hidden=32, feat_ch=16, up_ch=32,
                  n_coarse=8, n_fine=8, batch=8, lr=1e-3, steps=3000, disc_ch=16,
-                 n_scenes=1000, every=500, adv_weight=0.0, disc_augment=False, ema=0.999,
-                 lr_schedule="constant"),
+                 n_scenes=1000, every=500, adv_weight=0.0, disc_augment=False, ema=0.999),
     # 64 px on a laptop CPU: the volume render stays at 32 px and the upsampler doubles it (the
     # paper's low-res render + super-resolution, at small scale); z 8x8x8. 6000 steps with a
     # short average of the weights (EMA 0.995) beat 3000 without one by 0.19 dB at yaw +-20.
     "small": dict(res=64, render_res=32, z_res=8, z_ch=8, enc_ch=16, dec_dim=128, dec_depth=2,
                   dec_heads=4, plane_ch=16, plane_res=32, hidden=32, feat_ch=16, up_ch=16,
                   n_coarse=16, n_fine=16, batch=8, lr=1e-3, steps=6000, disc_ch=16,
-                  n_scenes=1000, every=500, adv_weight=0.0, disc_augment=False, ema=0.995,
-                  lr_schedule="constant"),
+                  n_scenes=1000, every=500, adv_weight=0.0, disc_augment=False, ema=0.995),
 }
 MODEL_KEYS = ("res", "render_res", "z_res", "z_ch", "enc_ch", "dec_dim", "dec_depth",
               "dec_heads", "plane_ch", "plane_res", "hidden", "feat_ch", "up_ch", "n_coarse",
@@ -824,17 +822,16 @@ def autoencoder_loss(model, disc, image, depth, args, adv_on, lpips_fn):
     return loss, {k: v.detach() for k, v in logs.items()}, fake
 
 
-def autoencoder_step(model, disc, opt, batches, args, adv_on, lpips_fn, autocast, lr=None):
-    """One optimiser step of the autoencoder over the micro-batches [(image, depth), ...] at
-    learning rate lr (None: the optimiser's).
+def autoencoder_step(model, disc, opt, batches, args, adv_on, lpips_fn, autocast):
+    """One optimiser step of the autoencoder over the micro-batches [(image, depth), ...].
     Returns (logs, novel views): logs of scalar tensors, and per micro-batch the
     discriminator's fake input (None when the adversarial loss is off)."""
     model.train()
     return training.optimiser_step(opt, batches, lambda image, depth: autoencoder_loss(
-        model, disc, image, depth, args, adv_on, lpips_fn), autocast, training.GRAD_CLIP, lr)
+        model, disc, image, depth, args, adv_on, lpips_fn), autocast, training.GRAD_CLIP)
 
 
-def discriminator_step(disc, opt_d, batches, fakes, args, autocast, lr=None):
+def discriminator_step(disc, opt_d, batches, fakes, args, autocast):
     """One optimiser step of the discriminator: (photo, its monocular depth) is real, (novel
     view, its rendered depth) is fake; the autoencoder's step above tried to fool it."""
     def loss_fn(image, depth, fake):
@@ -842,7 +839,7 @@ def discriminator_step(disc, opt_d, batches, fakes, args, autocast, lr=None):
         loss_d, r1 = d_loss_fn(disc, real, fake, args.r1_gamma)
         return loss_d, dict(d=loss_d.detach(), r1=r1.detach()), None
     return training.optimiser_step(opt_d, [(i, d, f) for (i, d), f in zip(batches, fakes)],
-                                   loss_fn, autocast, lr=lr)[0]
+                                   loss_fn, autocast)[0]
 
 
 def to_device(batch, device):
@@ -932,12 +929,11 @@ def train(args):
         # --- data: --accum micro-batches of --batch images ---
         micro = [to_device(next(batches), device) for _ in range(args.accum)]
         adv_on = args.adv_weight > 0 and step >= args.adv_start
-        lr = training.learning_rate(step, args)        # both networks follow one schedule
         # --- autoencoder (generator) step, then discriminator step, then the average ---
         logs, fakes = autoencoder_step(model, disc, r.opt, micro, args, adv_on, r.lpips_fn,
-                                       autocast, lr)
+                                       autocast)
         if adv_on:
-            logs.update(discriminator_step(disc, r.opt_d, micro, fakes, args, autocast, lr))
+            logs.update(discriminator_step(disc, r.opt_d, micro, fakes, args, autocast))
         if ema is not None:
             training.ema_update(ema, model, training.ema_decay(step, args.ema))
         step += 1

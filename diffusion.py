@@ -60,10 +60,8 @@ CACHE_KIND = "wildfusion-latents"
 def make_schedule(kind, T=1000):
     """alpha_bar_t for t = 0..T-1, (T,) float64.
 
-    linear (DDPM, for pixels): beta_t from 1e-4 to 0.02; alpha_bar ends at 4e-5.
-    scaled_linear (Stable Diffusion's, for latents): sqrt(beta_t) linear from sqrt(0.00085) to
-    sqrt(0.012); alpha_bar ends at 0.0047, so eps-prediction's x_0 = (x_t - sqrt(1 - a) eps) /
-    sqrt(a) multiplies the error in eps by at most ~15 at the noisiest step, not ~160.
+    linear (DDPM's): beta_t from 1e-4 to 0.02. (LDM's configs space sqrt(beta_t) linearly
+    from sqrt(0.0015) to sqrt(0.0195) instead: a close cousin, alpha_bar ends at 1.4e-4.)
     cosine (Nichol & Dhariwal 2021): alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t/T + s)/(1 + s)
     * pi/2), which destroys information more evenly over t; betas clipped at 0.999 so the last
     step does not divide by zero.
@@ -71,8 +69,6 @@ def make_schedule(kind, T=1000):
     if kind == "linear":
         # Scaled so that T = 1000 gives DDPM's 1e-4 .. 0.02 and other T keep the same total noise.
         betas = torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
-    elif kind == "scaled_linear":
-        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, T, dtype=torch.float64) ** 2
     elif kind == "cosine":
         s = 0.008
         f = lambda t: torch.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
@@ -80,7 +76,7 @@ def make_schedule(kind, T=1000):
         alpha_bar = f(t) / f(torch.zeros(()))
         betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
     else:
-        raise UserError(f"unknown schedule {kind!r}; choose linear, scaled_linear or cosine")
+        raise UserError(f"unknown schedule {kind!r}; choose linear or cosine")
     return torch.cumprod(1 - betas, 0)
 
 
@@ -631,18 +627,18 @@ PRESETS = {
     # v + cosine as small: predicting eps, both presets measured sampled latents too spread.
     "base": dict(ch=128, ch_mult="1,2,2", num_res=2, attn_res="16,8", heads=4, dropout=0.1,
                  batch=64, lr=1e-4, steps=200_000, ema=0.9999, every=5000, pred="v",
-                 schedule="cosine", lr_schedule="constant"),
+                 schedule="cosine"),
     # A laptop CPU, z 4x8x8 (the tiny autoencoder): two levels, attention at 4x4.
     "tiny": dict(ch=32, ch_mult="1,2", num_res=1, attn_res="4", heads=2, dropout=0.0,
                  batch=64, lr=5e-4, steps=8000, ema=0.999, every=2000, pred="eps",
-                 schedule="linear", lr_schedule="constant"),
+                 schedule="linear"),
     # z 8x8x8 (the small autoencoder, 64 px): tiny's UNet 1.5x wider for half its steps, the
     # cosine schedule, and v-prediction: predicting eps, the x_0 it implies at high noise
     # multiplies the error by up to 1/sqrt(alpha_bar) ~ 160, and the samples' latents came out
     # ~7x as spread as the data's (colour blobs); v fixed it.
     "small": dict(ch=48, ch_mult="1,2", num_res=1, attn_res="4", heads=2, dropout=0.0,
                   batch=64, lr=5e-4, steps=4000, ema=0.999, every=1000, pred="v",
-                  schedule="cosine", lr_schedule="constant"),
+                  schedule="cosine"),
 }
 MODEL_KEYS = ("ch", "ch_mult", "num_res", "attn_res", "heads", "dropout")
 SAMPLE_STEPS = 50          # DDIM steps of the sample grids written while training
@@ -664,7 +660,7 @@ def get_args(argv=None):
     a("--num-res", type=int, default=None, help="residual blocks per level")
     a("--attn-res", default=None, help="resolutions with self-attention, e.g. 16,8")
     a("--dropout", type=float, default=None)
-    a("--schedule", default=None, choices=["linear", "scaled_linear", "cosine"], help="the noise schedule "
+    a("--schedule", default=None, choices=["linear", "cosine"], help="the noise schedule "
       "(default: the preset's)")
     a("--pred", default=None, choices=["eps", "v"], help="what the UNet predicts (eps: the "
       "noise, as DDPM and LDM; v: Salimans & Ho's rotation of noise and signal)")
@@ -761,8 +757,7 @@ def train_step(model, ema, opt, batches, step, args, autocast):
         loss = model.loss(x0, labels, args.p_uncond)
         return loss, dict(loss=loss.detach()), None
     # Accumulation over micro-batches, one all-reduce across ranks, clipping, the update.
-    logs, _ = training.optimiser_step(opt, batches, loss_fn, autocast, training.GRAD_CLIP,
-                                      training.learning_rate(step, args))
+    logs, _ = training.optimiser_step(opt, batches, loss_fn, autocast, training.GRAD_CLIP)
     # EMA with a warm-up (decay grows from 0.1 towards args.ema): early EMA weights are
     # not stuck on the random init.
     training.ema_update(ema, model, training.ema_decay(step, args.ema))

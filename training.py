@@ -9,8 +9,7 @@ Map of the file:
     1. flags          the runtime flags both scripts take; presets; one-line checks
     2. processes      one per GPU under torchrun: rank, world size, set-up, gradient all-reduce
     3. data order     which images every step reads, a pure function of (seed, step): exact resume
-    4. the step       the learning-rate schedule; gradient accumulation + all-reduce + clipping
-                      + update; the EMA of weights
+    4. the step       gradient accumulation + all-reduce + clipping + update; the EMA of weights
     5. logs           losses summed on the device, read once per --log-every steps; progress bar
     6. checkpoints    atomic writes with a checksum, safe and checked loading, exact
                       resume (weights, optimiser, RNG)
@@ -19,7 +18,6 @@ Map of the file:
 import argparse
 import functools
 import hashlib
-import math
 import os
 import time
 
@@ -62,8 +60,6 @@ def add_runtime_args(p, what):
     a("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     a("--workers", type=int, default=None, help="data-loading processes (default: 4 on CUDA, "
       "0 on a CPU, where they would take cores from training)")
-    a("--lr-schedule", default=None, choices=["constant", "cosine"], help="constant, or a "
-      "linear warm-up then half a cosine down to 0 at --steps (default: the preset's)")
     a("--log-every", type=int, default=10, help="read the losses from the device and show "
       "them every N steps")
 
@@ -220,29 +216,7 @@ def make_loader(ds, sampler, workers, device):
 # 4. The step
 # ---------------------------------------------------------------------------------------------
 GRAD_CLIP = 1.0           # both stages clip the gradient norm at this
-WARMUP = 100           # steps of linear warm-up before a cosine decay (at most a tenth of a run)
-
-
-def learning_rate(step, args):
-    """The learning rate of the optimiser step that follows STEP finished steps: a pure function
-    of the step, so a resumed run continues on the same curve.
-    constant: args.lr throughout.
-    cosine: a linear warm-up over the first steps (Adam's second-moment estimates start from
-    a few gradients; full-size updates then would throw the fresh weights far), then
-    lr_t = lr (1 + cos(pi p)) / 2 with p going from 0 to 1 over the rest of args.steps: the
-    weights take large steps while far from a minimum and ever smaller ones as the run ends,
-    where a constant rate would leave them jittering around it (SGDR, Loshchilov & Hutter
-    2017; nanoGPT's schedule). A run resumed with a larger --steps stretches the curve."""
-    if args.lr_schedule == "constant":
-        return args.lr
-    warm = min(WARMUP, args.steps // 10)
-    if step < warm:
-        return args.lr * (step + 1) / warm
-    p = (step - warm) / max(1, args.steps - warm)
-    return args.lr * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
-
-
-def optimiser_step(opt, batches, loss_fn, autocast, grad_clip=0.0, lr=None):
+def optimiser_step(opt, batches, loss_fn, autocast, grad_clip=0.0):
     """Gradient accumulation, data parallelism and the update, shared by every training step.
 
     loss_fn(*batch) -> (loss, logs of scalar tensors, anything else) for one micro-batch.
@@ -252,7 +226,6 @@ def optimiser_step(opt, batches, loss_fn, autocast, grad_clip=0.0, lr=None):
     losses averaged over the batch, exactly the gradient of one --accum times larger batch.
     The processes' gradients are then averaged by one all-reduce (all_reduce_grads), once per
     optimiser step and not per micro-batch: what DistributedDataParallel's no_sync() does.
-    lr: the learning rate of this update (learning_rate), or None to keep the optimiser's.
     Returns (the micro-batches' mean logs, plus gnorm when clipping; the list of extras)."""
     opt.zero_grad(set_to_none=True)
     logs_list, extras = [], []
@@ -267,9 +240,6 @@ def optimiser_step(opt, batches, loss_fn, autocast, grad_clip=0.0, lr=None):
     all_reduce_grads(params)
     if grad_clip > 0:
         logs["gnorm"] = nn.utils.clip_grad_norm_(params, grad_clip).detach()
-    if lr is not None:
-        for group in opt.param_groups:
-            group["lr"] = lr
     opt.step()
     return logs, extras
 
