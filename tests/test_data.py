@@ -262,6 +262,20 @@ def test_cli_errors_are_one_line(tmp_path):
         assert len(p.stderr.strip().splitlines()) == 1
 
 
+def test_every_script_flushes_denormals_to_zero():
+    torch.set_flush_denormal(False)                          # as before any script ran
+    tiny = torch.tensor([1e-39])                             # a float32 denormal
+    seen = []
+    try:
+        data.run_cli(lambda: seen.append((tiny * 1.0).item()))
+    finally:
+        flushing = torch.set_flush_denormal(False)           # leave the other tests as found
+    if not flushing:
+        pytest.skip("this CPU cannot flush denormals")
+    assert seen == [0.0] and (tiny * 1.0).item() > 0         # flushed inside, not after
+
+
+
 # ------------------------------------------------------------------------- phone photos
 def test_exif_rotated_jpeg_and_its_depth_map_line_up_in_data_and_sample(tmp_path):
     """A phone JPEG stored sideways (40 wide, 20 high) with EXIF orientation 6 is shown upright
