@@ -275,7 +275,6 @@ def test_every_script_flushes_denormals_to_zero():
     assert seen == [0.0] and (tiny * 1.0).item() > 0         # flushed inside, not after
 
 
-
 # ------------------------------------------------------------------------- phone photos
 def test_exif_rotated_jpeg_and_its_depth_map_line_up_in_data_and_sample(tmp_path):
     """A phone JPEG stored sideways (40 wide, 20 high) with EXIF orientation 6 is shown upright
