@@ -808,7 +808,7 @@ def setup(args):
     # weights over the last ~1/(1 - decay) steps smooths out the noise of SGD on a noisy loss.
     ema = copy.deepcopy(model).requires_grad_(False)
     # fused: one kernel updates every weight tensor, instead of a loop of small per-tensor ops
-    # (the tiny UNet has ~100 of them, and on a CPU the loop is a visible part of its step).
+    # (the tiny UNet has 129 of them, and on a CPU the loop is a visible part of its step).
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=True)
     torch.manual_seed(args.seed + training.rank())  # but each rank its own t and noise
     ckpt_path, step = os.path.join(args.out, "ckpt.pt"), 0
