@@ -774,6 +774,13 @@ def read_batch(cache, model, step, micro, args, device):
     return model.normalize(z), labels
 
 
+def make_optimizer(model, lr):
+    """AdamW without weight decay, as training uses it (and sample.py's demo times it).
+    fused: one kernel updates every weight tensor, instead of a loop of small per-tensor ops
+    (the tiny UNet has 129 of them, and on a CPU the loop is a visible part of its step)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
+
+
 def setup(args):
     """The frozen autoencoder, the latents, the model, its EMA copy and optimiser, resumed
     where a checkpoint says. -> a namespace of them."""
@@ -807,9 +814,7 @@ def setup(args):
     # The EMA copy is what samples (DDPM, App. B; every diffusion model since): averaging the
     # weights over the last ~1/(1 - decay) steps smooths out the noise of SGD on a noisy loss.
     ema = copy.deepcopy(model).requires_grad_(False)
-    # fused: one kernel updates every weight tensor, instead of a loop of small per-tensor ops
-    # (the tiny UNet has 129 of them, and on a CPU the loop is a visible part of its step).
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=True)
+    opt = make_optimizer(model, args.lr)
     torch.manual_seed(args.seed + training.rank())  # but each rank its own t and noise
     ckpt_path, step = os.path.join(args.out, "ckpt.pt"), 0
     if args.resume:

@@ -774,7 +774,7 @@ def estimate_demo(ae_args, ldm_args, args, data_root):
     shape = (warm.z_ch, warm.z_res, warm.z_res)
     ldm = diffusion.LatentDiffusion(diffusion.model_config(ldm_args, shape, [])).to(device)
     ema = diffusion.LatentDiffusion(diffusion.model_config(ldm_args, shape, [])).to(device)
-    opt = torch.optim.AdamW(ldm.parameters(), lr=ldm_args.lr, fused=True)   # as diffusion.py
+    opt = diffusion.make_optimizer(ldm, ldm_args.lr)
     x0 = torch.randn(ldm_args.batch, *shape, device=device)
     per = training.seconds_per_call(lambda: diffusion.train_step(
         ldm, ema, opt, [(x0, None)], 0, ldm_args, plain))
